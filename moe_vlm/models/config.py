@@ -1,0 +1,262 @@
+"""Model configuration as plain frozen dataclasses.
+
+Configs are data: ml_collections experiment files in `configs/` build these, the HF
+importer derives them from `config.json`, and modules only read them. Every check that
+can be made without weights is made in `validate()` so a bad config fails before any
+parameter is allocated, with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Optional
+
+import jax.numpy as jnp
+
+
+class ConfigError(ValueError):
+  """A model config field has a value the model cannot honour."""
+
+
+MoEMode = Literal["sparse", "dense", "first_half", "second_half"]
+Dispatch = Literal["capacity", "dropless"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """MoE-LLaVA's MoE layer (DeepSpeed `MoE` with the LLM's MLP as expert).
+
+  Defaults follow the MoE-LLaVA scripts: 4 experts, top-2, MoE in every other layer,
+  capacity factor 1.5 in training and 2.0 at evaluation, aux loss coefficient 0.01.
+  """
+
+  num_experts: int = 4
+  top_k: int = 2
+  moe_mode: MoEMode = "sparse"
+  # Explicit layer list; overrides `moe_mode` when given.
+  moe_layers_idx: Optional[tuple[int, ...]] = None
+  # "capacity": MoE-LLaVA's token dropping; "dropless": every routed token is computed.
+  dispatch: Dispatch = "capacity"
+  capacity_factor: float = 1.5
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 0
+  # Renormalise the kept top-k gate values to sum to one (MoE-LLaVA top-2 does).
+  renormalize: bool = True
+  aux_loss_coef: float = 0.01
+  z_loss_coef: float = 0.0
+  # Intermediate size of each expert; None keeps the dense FFN's size (upcycling).
+  expert_intermediate_size: Optional[int] = None
+
+  def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+    """Which decoder layers hold an MoE FFN (MoE-LLaVA's `moe_mode` semantics)."""
+    if self.moe_layers_idx is not None:
+      return tuple(sorted(self.moe_layers_idx))
+    if self.moe_mode == "sparse":
+      return tuple(range(num_layers))[::2]
+    if self.moe_mode == "dense":
+      return tuple(range(num_layers))
+    if self.moe_mode == "first_half":
+      return tuple(range(num_layers // 2))
+    if self.moe_mode == "second_half":
+      return tuple(range(num_layers // 2, num_layers))
+    raise ConfigError(
+        f"moe.moe_mode={self.moe_mode!r}: expected one of sparse, dense, first_half, "
+        "second_half (or set moe.moe_layers_idx)")
+
+  def capacity(self, num_tokens: int, train: bool) -> int:
+    """Slots per expert: ceil(S / E * factor * k), floored at `min_capacity`."""
+    factor = self.capacity_factor if train else self.eval_capacity_factor
+    cap = math.ceil(num_tokens / self.num_experts * factor * self.top_k)
+    return max(cap, self.min_capacity)
+
+  def validate(self, num_layers: int) -> None:
+    if self.num_experts < 1:
+      raise ConfigError(f"moe.num_experts={self.num_experts}: expected >= 1")
+    if not 1 <= self.top_k <= self.num_experts:
+      raise ConfigError(
+          f"moe.top_k={self.top_k}: expected 1 <= top_k <= num_experts "
+          f"({self.num_experts})")
+    if self.dispatch not in ("capacity", "dropless"):
+      raise ConfigError(
+          f"moe.dispatch={self.dispatch!r}: expected 'capacity' or 'dropless'")
+    if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+      raise ConfigError("moe.capacity_factor and moe.eval_capacity_factor must be > 0")
+    idx = self.layer_indices(num_layers)
+    bad = [i for i in idx if not 0 <= i < num_layers]
+    if bad:
+      raise ConfigError(
+          f"moe.moe_layers_idx={list(self.moe_layers_idx or ())}: layers {bad} out of "
+          f"range for a model with {num_layers} layers")
+    if len(set(idx)) != len(idx):
+      raise ConfigError(f"moe.moe_layers_idx has duplicates: {list(idx)}")
+    if not idx:
+      raise ConfigError(
+          f"moe selects no layer (moe_mode={self.moe_mode!r}, num_layers={num_layers})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """One decoder covering Llama/Qwen2, Phi-2 and StableLM-2 through switches."""
+
+  family: str = "llama"  # informative: llama | qwen2 | phi | stablelm | qwen2_moe
+  vocab_size: int = 32000
+  hidden_size: int = 512
+  intermediate_size: int = 1408
+  num_layers: int = 4
+  num_heads: int = 8
+  num_kv_heads: int = 8
+  head_dim: Optional[int] = None
+  norm: Literal["rms", "layer"] = "rms"
+  norm_eps: float = 1e-6
+  # "gated": down(act(gate(x)) * up(x)) (Llama, Qwen2, StableLM); "plain": fc2(act(fc1(x))) (Phi).
+  mlp: Literal["gated", "plain"] = "gated"
+  activation: str = "silu"
+  mlp_bias: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  # Phi-2: attention and MLP read the same normed input and are summed into the residual.
+  parallel_residual: bool = False
+  rope_theta: float = 10000.0
+  partial_rotary_factor: float = 1.0
+  tie_embeddings: bool = False
+  lm_head_bias: bool = False
+  moe: Optional[MoEConfig] = None
+  # Compute dtype of activations and matmuls; parameters stay in `param_dtype`.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.dim_per_head * self.partial_rotary_factor)
+
+  def moe_layers(self) -> tuple[int, ...]:
+    return self.moe.layer_indices(self.num_layers) if self.moe else ()
+
+  def validate(self) -> None:
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ConfigError(
+          f"text.hidden_size={self.hidden_size} is not divisible by "
+          f"text.num_heads={self.num_heads}; set text.head_dim")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"text.num_heads={self.num_heads} is not a multiple of "
+          f"text.num_kv_heads={self.num_kv_heads}")
+    if self.rotary_dim % 2:
+      raise ConfigError(
+          f"rotary dim {self.rotary_dim} (head_dim x partial_rotary_factor) must be even")
+    if self.norm not in ("rms", "layer"):
+      raise ConfigError(f"text.norm={self.norm!r}: expected 'rms' or 'layer'")
+    if self.mlp not in ("gated", "plain"):
+      raise ConfigError(f"text.mlp={self.mlp!r}: expected 'gated' or 'plain'")
+    check_activation(self.activation, "text.activation")
+    if self.moe is not None:
+      self.moe.validate(self.num_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """A ViT: CLIP (class token, pre-layernorm, quick_gelu) or SigLIP (neither, gelu_tanh)."""
+
+  variant: Literal["clip", "siglip"] = "clip"
+  image_size: int = 224
+  patch_size: int = 14
+  num_channels: int = 3
+  hidden_size: int = 256
+  intermediate_size: int = 1024
+  num_layers: int = 4
+  num_heads: int = 4
+  norm_eps: float = 1e-5
+  activation: str = "quick_gelu"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @property
+  def class_token(self) -> bool:
+    return self.variant == "clip"
+
+  @property
+  def pre_norm(self) -> bool:
+    return self.variant == "clip"
+
+  @property
+  def patch_bias(self) -> bool:
+    return self.variant == "siglip"
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_positions(self) -> int:
+    return self.num_patches + int(self.class_token)
+
+  def validate(self) -> None:
+    if self.variant not in ("clip", "siglip"):
+      raise ConfigError(f"vision.variant={self.variant!r}: expected 'clip' or 'siglip'")
+    if self.image_size % self.patch_size:
+      raise ConfigError(
+          f"vision.image_size={self.image_size} is not a multiple of "
+          f"vision.patch_size={self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ConfigError(
+          f"vision.hidden_size={self.hidden_size} not divisible by "
+          f"vision.num_heads={self.num_heads}")
+    check_activation(self.activation, "vision.activation")
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+  """LLaVA-1.5 style: vision tower -> projector -> image tokens spliced into the text."""
+
+  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  text: TextConfig = dataclasses.field(default_factory=TextConfig)
+  projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+  # Which hidden state of the vision tower feeds the projector (-2 in LLaVA).
+  vision_feature_layer: int = -2
+  # "default" drops the first token (CLIP's CLS; MoE-LLaVA also drops SigLIP's token 0),
+  # "full" keeps every token.
+  vision_feature_select_strategy: Literal["default", "full"] = "default"
+  image_token_id: int = 32000
+
+  @property
+  def num_image_tokens(self) -> int:
+    n = self.vision.num_positions
+    return n - 1 if self.vision_feature_select_strategy == "default" else n
+
+  def validate(self) -> None:
+    self.vision.validate()
+    self.text.validate()
+    if self.projector not in ("linear", "mlp2x_gelu"):
+      raise ConfigError(
+          f"projector={self.projector!r}: expected 'linear' or 'mlp2x_gelu'")
+    n = self.vision.num_layers
+    if not -(n + 1) <= self.vision_feature_layer <= n:
+      raise ConfigError(
+          f"vision_feature_layer={self.vision_feature_layer} out of range for a "
+          f"{n}-layer vision tower ({n + 1} hidden states)")
+    if self.vision_feature_select_strategy not in ("default", "full"):
+      raise ConfigError(
+          f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: "
+          "expected 'default' or 'full'")
+    if not 0 <= self.image_token_id < self.text.vocab_size:
+      raise ConfigError(
+          f"image_token_id={self.image_token_id} outside the vocabulary "
+          f"(vocab_size={self.text.vocab_size})")
+
+
+_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_tanh",
+                "quick_gelu", "relu")
+
+
+def check_activation(name: str, field: str) -> None:
+  if name not in _ACTIVATIONS:
+    raise ConfigError(f"{field}={name!r}: expected one of {', '.join(_ACTIVATIONS)}")
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)

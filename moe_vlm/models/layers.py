@@ -1,0 +1,184 @@
+"""Small building blocks shared by the vision tower and the decoder.
+
+Every parameter is created through `param()`, which records its logical axis names
+(`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `expert`, ...). The sharding code maps
+those names to mesh axes with rules from the config, so no module knows about meshes.
+Eager sharding is off: parameters are placed by the train step's explicit shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# torch.nn.Linear's default init (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)):
+# used for fresh routers so an upcycled model starts like MoE-LLaVA's.
+torch_linear_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+default_kernel_init = nnx.initializers.normal(0.02)
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
+          axes: Sequence[Optional[str]], dtype: jnp.dtype = jnp.float32) -> nnx.Param:
+  """A parameter annotated with logical axis names (one per dimension)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
+                   sharding_names=tuple(axes), eager_sharding=False)
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias, kernel stored [in, out] (transpose of torch's Linear)."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
+               use_bias: bool, rngs: nnx.Rngs, dtype: str = "float32",
+               param_dtype: str = "float32", kernel_init: Initializer = default_kernel_init):
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
+    self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), axes[1:], param_dtype)
+                 if use_bias else None)
+    self.dtype = jnp.dtype(dtype)
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Norm(nnx.Module):
+  """LayerNorm (with bias) or RMSNorm, computed in fp32 like the HF references."""
+
+  def __init__(self, dim: int, *, kind: str, eps: float, rngs: nnx.Rngs,
+               param_dtype: str = "float32", use_bias: bool = True):
+    self.kind = kind
+    self.eps = eps
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+    self.bias = (param(rngs, nnx.initializers.zeros, (dim,), ("norm",), param_dtype)
+                 if kind == "layer" and use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.kind == "rms":
+      x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+      # HF casts back to the input dtype before the scale; keep that order.
+      return self.scale[...].astype(dtype) * x.astype(dtype)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(dtype)
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """HF activation names -> functions with the same numerics."""
+  if name == "silu":
+    return jax.nn.silu
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == "relu":
+    return jax.nn.relu
+  raise ValueError(f"unknown activation {name!r}")
+
+
+def rope_tables(positions: Array, rotary_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos/sin of shape [B, L, rotary_dim] in HF's half-split ("rotate_half") layout."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates the first `rotary_dim` channels of x [B, L, H, D]; the rest pass (partial rotary)."""
+  rd = cos.shape[-1]
+  rot, rest = x[..., :rd], x[..., rd:]
+  half = rd // 2
+  rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with GQA and optional (partial) rotary embeddings.
+
+  Projections are flat [embed, heads*head_dim] so the HF weights map 1:1 and
+  tensor parallelism can shard the `heads` axis on head boundaries.
+  """
+
+  def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               qkv_bias: bool, o_bias: bool, rngs: nnx.Rngs, dtype: str = "float32",
+               param_dtype: str = "float32"):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.query = Dense(hidden, num_heads * head_dim, axes=("embed", "heads"),
+                       use_bias=qkv_bias, **kw)
+    self.key = Dense(hidden, num_kv_heads * head_dim, axes=("embed", "kv_heads"),
+                     use_bias=qkv_bias, **kw)
+    self.value = Dense(hidden, num_kv_heads * head_dim, axes=("embed", "kv_heads"),
+                       use_bias=qkv_bias, **kw)
+    self.out = Dense(num_heads * head_dim, hidden, axes=("heads", "embed"),
+                     use_bias=o_bias, **kw)
+
+  def __call__(self, x: Array, mask: Optional[Array],
+               rope: Optional[tuple[Array, Array]] = None) -> Array:
+    """x [B, L, D]; mask [B, L, L] bool (True = may attend) or None for full attention."""
+    b, l, _ = x.shape
+    q = self.query(x).reshape(b, l, self.num_heads, self.head_dim)
+    k = self.key(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    v = self.value(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = dot_product_attention(q, k, v, mask)
+    return self.out(out.reshape(b, l, self.num_heads * self.head_dim))
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+  """softmax(q k^T / sqrt(d)) v with grouped kv heads; softmax in fp32.
+
+  q [B, Lq, H, D], k/v [B, Lk, KV, D], mask [B, Lq, Lk] -> [B, Lq, H, D].
+  """
+  b, lq, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, lq, kv, h // kv, d)
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * (d ** -0.5)
+  if mask is not None:
+    # A large finite negative keeps fully masked (padding) rows finite instead of NaN.
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(b, lq, h, d)
+
+
+class MLP(nnx.Module):
+  """The dense FFN: gated (SwiGLU-style) or plain two-layer with bias (Phi, ViT)."""
+
+  def __init__(self, hidden: int, intermediate: int, *, kind: str, activation_name: str,
+               use_bias: bool, rngs: nnx.Rngs, dtype: str = "float32",
+               param_dtype: str = "float32"):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
+    self.kind = kind
+    self.act = activation(activation_name)
+    if kind == "gated":
+      self.wi_gate = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
+      self.wi_up = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
+    else:
+      self.wi = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
+    self.wo = Dense(intermediate, hidden, axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x: Array) -> Array:
+    if self.kind == "gated":
+      h = self.act(self.wi_gate(x)) * self.wi_up(x)
+    else:
+      h = self.act(self.wi(x))
+    return self.wo(h)

@@ -1,0 +1,141 @@
+"""Decoder-only LLM covering the families MoE-LLaVA builds on.
+
+Switches in `TextConfig` select the family's details:
+- Llama / Qwen2: RMSNorm, gated SiLU MLP, GQA, full rotary; Qwen2 adds qkv bias.
+- Phi-2: LayerNorm, one norm feeding attention and MLP in parallel, partial rotary,
+  gelu_new MLP with biases, biased output projection and lm_head.
+- StableLM-2: LayerNorm, sequential residual, partial rotary (0.25), gated SiLU MLP,
+  optional qkv bias.
+Any subset of layers may hold an MoE FFN instead of the dense one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_vlm.models.config import TextConfig
+from moe_vlm.models.layers import MLP, Attention, Dense, Norm, param, rope_tables
+from moe_vlm.models.moe import MoE
+
+Array = jax.Array
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm attention + FFN (dense or MoE) with sequential or parallel residual."""
+
+  def __init__(self, cfg: TextConfig, *, use_moe: bool, rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.parallel_residual = cfg.parallel_residual
+    self.input_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, rngs=rngs,
+                           param_dtype=cfg.param_dtype)
+    self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head,
+                          qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, **kw)
+    self.post_attn_norm = (None if cfg.parallel_residual else
+                           Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, rngs=rngs,
+                                param_dtype=cfg.param_dtype))
+    ffn_kw = dict(kind=cfg.mlp, activation_name=cfg.activation, use_bias=cfg.mlp_bias, **kw)
+    self.is_moe = use_moe
+    if use_moe:
+      self.mlp = MoE(cfg.hidden_size, cfg.intermediate_size, cfg.moe, **ffn_kw)
+    else:
+      self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **ffn_kw)
+
+  def _ffn(self, x: Array, modality: Optional[Array], train: bool,
+           dispatch: Optional[str]) -> tuple[Array, Optional[dict]]:
+    if self.is_moe:
+      return self.mlp(x, modality, train=train, dispatch=dispatch)
+    return self.mlp(x), None
+
+  def __call__(self, x: Array, mask: Array, rope: tuple[Array, Array],
+               modality: Optional[Array] = None, *, train: bool = False,
+               dispatch: Optional[str] = None) -> tuple[Array, Optional[dict]]:
+    h = self.input_norm(x)
+    attn = self.attn(h, mask, rope)
+    if self.parallel_residual:
+      ffn, stats = self._ffn(h, modality, train, dispatch)
+      return x + attn + ffn, stats
+    x = x + attn
+    ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch)
+    return x + ffn, stats
+
+
+def causal_mask(attention_mask: Array) -> Array:
+  """[B, L] validity -> [B, L, L] bool: causal and only onto valid keys."""
+  l = attention_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((l, l), dtype=bool))
+  return causal[None] & attention_mask[:, None, :].astype(bool)
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+  """Position ids that skip left padding: 0 at each row's first valid token."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class DecoderLM(nnx.Module):
+  """Token embeddings -> blocks -> final norm -> logits, plus MoE losses and stats."""
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    self.embed = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
+                       ("vocab", "embed"), cfg.param_dtype)
+    moe_layers = set(cfg.moe_layers())
+    self.layers = nnx.List([DecoderBlock(cfg, use_moe=i in moe_layers, rngs=rngs)
+                            for i in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, rngs=rngs,
+                           param_dtype=cfg.param_dtype)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                          use_bias=cfg.lm_head_bias, rngs=rngs, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype))
+
+  def embed_tokens(self, input_ids: Array) -> Array:
+    return jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
+
+  def __call__(self, input_ids: Optional[Array] = None, *,
+               inputs_embeds: Optional[Array] = None,
+               attention_mask: Optional[Array] = None,
+               positions: Optional[Array] = None,
+               modality: Optional[Array] = None,
+               train: bool = False,
+               dispatch: Optional[str] = None) -> tuple[Array, dict[str, Array]]:
+    """Returns logits [B, L, V] (fp32) and `aux`: summed MoE losses + per-layer stats.
+
+    aux["aux_loss"] is the SUM over MoE layers of the load-balancing loss (MoE-LLaVA adds
+    coef * sum); per-layer statistics are stacked on a leading [num_moe_layers] axis.
+    """
+    x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    b, l, _ = x.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, l), jnp.int32)
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    mask = causal_mask(attention_mask)
+    rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
+    per_layer = []
+    for block in self.layers:
+      x, stats = block(x, mask, rope, modality, train=train, dispatch=dispatch)
+      if stats is not None:
+        per_layer.append(stats)
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = jnp.dot(x, self.embed[...].astype(x.dtype).T)
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32), summarize_moe(per_layer)
+
+
+def summarize_moe(per_layer: list[dict[str, Array]]) -> dict[str, Array]:
+  """Stacks per-layer MoE stats; sums the losses over layers. Empty for dense models."""
+  if not per_layer:
+    zero = jnp.zeros((), jnp.float32)
+    return {"aux_loss": zero, "z_loss": zero}
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  out = {f"layers/{k}": v for k, v in stacked.items()}
+  out["aux_loss"] = jnp.sum(stacked["aux_loss"])
+  out["z_loss"] = jnp.sum(stacked["z_loss"])
+  return out

@@ -1,0 +1,91 @@
+"""The whole vision-language model: LLaVA-1.5 layout with an MoE-capable decoder.
+
+Prompts arrive with the `<image>` placeholder already expanded to
+`cfg.num_image_tokens` copies of `image_token_id` (as transformers' LLaVA processor
+does), so every shape is static under jit. Row b's image-token positions receive, in
+order, the projected features of `pixel_values[b]`; rows with no image tokens are
+text-only and ignore their (dummy) pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_vlm.models.config import VLMConfig
+from moe_vlm.models.llm import DecoderLM
+from moe_vlm.models.moe import IMAGE, PAD, TEXT
+from moe_vlm.models.projector import Projector
+from moe_vlm.models.vision import VisionEncoder
+
+Array = jax.Array
+
+
+class ImageTokenError(ValueError):
+  """The number of image placeholder tokens does not match the images given."""
+
+
+def check_image_tokens(input_ids: np.ndarray, image_token_id: int,
+                       tokens_per_image: int) -> None:
+  """Host-side check: each row holds 0 or exactly `tokens_per_image` image tokens.
+
+  Runs on concrete arrays (data pipeline, eager calls); under jit it is skipped.
+  """
+  counts = np.sum(np.asarray(input_ids) == image_token_id, axis=-1)
+  for row, n in enumerate(counts):
+    if n not in (0, tokens_per_image):
+      raise ImageTokenError(
+          f"input_ids row {row} has {n} image tokens (id {image_token_id}); expected 0 "
+          f"or {tokens_per_image} (one image). Expand '<image>' to num_image_tokens "
+          "placeholders when tokenizing.")
+
+
+def splice_image_features(embeds: Array, features: Array, is_image: Array) -> Array:
+  """Writes features[b, j] into the j-th image position of row b.
+
+  embeds [B, L, D], features [B, P, D], is_image [B, L] -> [B, L, D].
+  """
+  rank = jnp.clip(jnp.cumsum(is_image.astype(jnp.int32), axis=-1) - 1, 0, features.shape[1] - 1)
+  gathered = jnp.take_along_axis(features.astype(embeds.dtype), rank[..., None], axis=1)
+  return jnp.where(is_image[..., None], gathered, embeds)
+
+
+class VLM(nnx.Module):
+  def __init__(self, cfg: VLMConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    self.vision = VisionEncoder(cfg.vision, rngs=rngs)
+    self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.text.hidden_size,
+                               rngs=rngs, dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype)
+    self.llm = DecoderLM(cfg.text, rngs=rngs)
+
+  def image_features(self, pixel_values: Array) -> Array:
+    """[B, H, W, C] -> projected image tokens [B, num_image_tokens, D_text]."""
+    feats = self.vision.features(pixel_values, self.cfg.vision_feature_layer)
+    if self.cfg.vision_feature_select_strategy == "default":
+      feats = feats[:, 1:]
+    return self.projector(feats)
+
+  def __call__(self, input_ids: Array, pixel_values: Optional[Array] = None,
+               attention_mask: Optional[Array] = None, *, train: bool = False,
+               dispatch: Optional[str] = None) -> tuple[Array, dict[str, Array]]:
+    """Returns (logits [B, L, V] fp32, aux) - aux holds the summed MoE losses and the
+    per-layer routing statistics split by modality (see `DecoderLM`)."""
+    cfg = self.cfg
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    is_image = input_ids == cfg.image_token_id
+    if not isinstance(input_ids, jax.core.Tracer):
+      check_image_tokens(np.asarray(input_ids), cfg.image_token_id, cfg.num_image_tokens)
+    embeds = self.llm.embed_tokens(input_ids)
+    if pixel_values is not None:
+      embeds = splice_image_features(embeds, self.image_features(pixel_values), is_image)
+    elif not isinstance(input_ids, jax.core.Tracer) and np.any(np.asarray(is_image)):
+      raise ImageTokenError("input_ids contain image tokens but pixel_values is None")
+    modality = jnp.where(attention_mask.astype(bool), jnp.where(is_image, IMAGE, TEXT), PAD)
+    return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, modality=modality,
+                    train=train, dispatch=dispatch)
