@@ -1,0 +1,303 @@
+"""Import (and export) of HuggingFace transformers checkpoints.
+
+Weights are read from safetensors files (or an in-memory state dict), never from
+pickles. Configs are read from `config.json` through transformers' config classes with
+`trust_remote_code` off. Loading is strict: every parameter of our model must be
+filled and every HF tensor must be used (or be known-unused, like SigLIP's pooling
+head), otherwise the error lists what is missing, extra or mis-shaped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_vlm.convert import keymap
+from moe_vlm.convert.keymap import Rule
+from moe_vlm.models.config import ConfigError, MoEConfig, TextConfig, VisionConfig, VLMConfig
+
+StateDict = Mapping[str, np.ndarray]
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not fit the model: names the keys and shapes involved."""
+
+
+# --------------------------------------------------------------------- state dicts
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+  """torch tensor / numpy / jax array -> numpy, keeping bf16 (via ml_dtypes)."""
+  if hasattr(tensor, "detach"):  # torch.Tensor, without importing torch here
+    t = tensor.detach().cpu()
+    if str(t.dtype) == "torch.bfloat16":
+      import ml_dtypes
+      return t.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+  return np.asarray(tensor)
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint directory (sharded or single file) or one file."""
+  from safetensors.numpy import load_file
+
+  if os.path.isfile(path):
+    return dict(load_file(path))
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  else:
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not files:
+    bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+    hint = (f" It has {bins}: pickled weights are not loaded (unsafe); convert them to "
+            "safetensors first." if bins else "")
+    raise ConversionError(f"{path}: no *.safetensors file found.{hint}")
+  out: dict[str, np.ndarray] = {}
+  for name in files:
+    out.update(load_file(os.path.join(path, name)))
+  return out
+
+
+def save_safetensors(state: StateDict, path: str) -> None:
+  from safetensors.numpy import save_file
+
+  os.makedirs(path, exist_ok=True)
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
+            os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_hf_config(path: str):
+  """transformers config from a directory's config.json (no remote code)."""
+  from transformers import AutoConfig
+
+  return AutoConfig.from_pretrained(path, trust_remote_code=False)
+
+
+# ------------------------------------------------------------------------ configs
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+  return getattr(cfg, name, default) if not isinstance(cfg, dict) else cfg.get(name, default)
+
+
+def _rope(cfg: Any) -> tuple[float, float]:
+  params = _get(cfg, "rope_parameters") or {}
+  rope_type = params.get("rope_type", "default")
+  if rope_type != "default":
+    raise ConfigError(f"{_get(cfg, 'model_type')}: rope_type={rope_type!r} is not "
+                      "supported (only 'default' rotary embeddings)")
+  theta = params.get("rope_theta", _get(cfg, "rope_theta", 10000.0))
+  partial = params.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", 1.0))
+  return float(theta), float(partial)
+
+
+def text_config_from_hf(hf: Any, dtype: str = "float32") -> TextConfig:
+  """TextConfig from a transformers config of a supported decoder family."""
+  mt = _get(hf, "model_type")
+  theta, partial = _rope(hf)
+  common = dict(
+      vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+      intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
+      num_heads=hf.num_attention_heads,
+      num_kv_heads=_get(hf, "num_key_value_heads") or hf.num_attention_heads,
+      head_dim=_get(hf, "head_dim"), rope_theta=theta, partial_rotary_factor=partial,
+      tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)), activation=hf.hidden_act,
+      dtype=dtype)
+  if mt in ("llama", "mistral"):
+    bias = bool(_get(hf, "attention_bias", False))
+    return TextConfig(family="llama", norm="rms", norm_eps=hf.rms_norm_eps, mlp="gated",
+                      qkv_bias=bias, o_bias=bias, mlp_bias=bool(_get(hf, "mlp_bias", False)),
+                      **common)
+  if mt in ("qwen2", "qwen2_moe"):
+    if _get(hf, "use_sliding_window", False):
+      raise ConfigError(f"{mt}: use_sliding_window=True is not supported")
+    moe = None
+    if mt == "qwen2_moe":
+      if _get(hf, "shared_expert_intermediate_size", 0):
+        raise ConfigError(
+            "qwen2_moe: shared_expert_intermediate_size="
+            f"{hf.shared_expert_intermediate_size}; only 0 (no shared expert, the MoE-LLaVA "
+            "design) is supported")
+      step, only = hf.decoder_sparse_step, set(hf.mlp_only_layers or ())
+      idx = tuple(i for i in range(hf.num_hidden_layers)
+                  if i not in only and step > 0 and (i + 1) % step == 0)
+      moe = MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                      moe_layers_idx=idx, dispatch="dropless",
+                      renormalize=bool(hf.norm_topk_prob),
+                      aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.01)),
+                      expert_intermediate_size=hf.moe_intermediate_size)
+    return TextConfig(family=mt, norm="rms", norm_eps=hf.rms_norm_eps, mlp="gated",
+                      qkv_bias=bool(_get(hf, "qkv_bias", True)), moe=moe, **common)
+  if mt == "phi":
+    if _get(hf, "qk_layernorm", False):
+      raise ConfigError("phi: qk_layernorm=True is not supported")
+    return TextConfig(family="phi", norm="layer", norm_eps=hf.layer_norm_eps, mlp="plain",
+                      mlp_bias=True, qkv_bias=True, o_bias=True, parallel_residual=True,
+                      lm_head_bias=True, **common)
+  if mt == "stablelm":
+    if _get(hf, "qk_layernorm", False):
+      raise ConfigError("stablelm: qk_layernorm=True is not supported")
+    return TextConfig(family="stablelm", norm="layer", norm_eps=hf.layer_norm_eps,
+                      mlp="gated", qkv_bias=bool(hf.use_qkv_bias),
+                      parallel_residual=bool(hf.use_parallel_residual), **common)
+  raise ConfigError(f"model_type={mt!r}: supported text families are llama, mistral, qwen2, "
+                    "qwen2_moe, phi, stablelm")
+
+
+def vision_config_from_hf(hf: Any, dtype: str = "float32") -> VisionConfig:
+  mt = _get(hf, "model_type")
+  variants = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+  if mt not in variants:
+    raise ConfigError(f"vision model_type={mt!r}: expected one of {sorted(variants)}")
+  return VisionConfig(variant=variants[mt], image_size=hf.image_size, patch_size=hf.patch_size,
+                      num_channels=hf.num_channels, hidden_size=hf.hidden_size,
+                      intermediate_size=hf.intermediate_size,
+                      num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+                      norm_eps=hf.layer_norm_eps, activation=hf.hidden_act, dtype=dtype)
+
+
+def vlm_config_from_hf(hf: Any, dtype: str = "float32") -> VLMConfig:
+  """VLMConfig from a LlavaConfig."""
+  if _get(hf, "model_type") != "llava":
+    raise ConfigError(f"model_type={_get(hf, 'model_type')!r}: expected 'llava'")
+  layer = hf.vision_feature_layer
+  if not isinstance(layer, int):
+    raise ConfigError(f"vision_feature_layer={layer!r}: only a single layer is supported")
+  if hf.projector_hidden_act != "gelu" or not _get(hf, "multimodal_projector_bias", True):
+    raise ConfigError("LLaVA projector must be Linear-GELU-Linear with bias (mlp2x_gelu); "
+                      f"got act={hf.projector_hidden_act!r}")
+  return VLMConfig(vision=vision_config_from_hf(hf.vision_config, dtype),
+                   text=text_config_from_hf(hf.text_config, dtype), projector="mlp2x_gelu",
+                   vision_feature_layer=layer,
+                   vision_feature_select_strategy=hf.vision_feature_select_strategy,
+                   image_token_id=hf.image_token_index)
+
+
+# ----------------------------------------------------------------- apply the rules
+
+
+def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
+  """Our parameters by dotted path."""
+  return {".".join(str(p) for p in path): var
+          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def load_weights(model: nnx.Module, state: StateDict, rules: Sequence[Rule],
+                 ignore_prefixes: Iterable[str] = ()) -> None:
+  """Fills `model` in place from an HF state dict, strictly (see module docstring)."""
+  ours = flat_params(model)
+  state = {k: to_numpy(v) for k, v in state.items()}
+  ignore = tuple(ignore_prefixes)
+  missing_hf = sorted({k for r in rules for k in r.hf if k not in state})
+  if missing_hf:
+    raise ConversionError(f"checkpoint lacks {len(missing_hf)} tensors the model needs, e.g. "
+                          f"{missing_hf[:5]}")
+  used = keymap.hf_keys(rules)
+  extra = sorted(k for k in state if k not in used and not k.startswith(ignore))
+  if extra:
+    raise ConversionError(f"checkpoint has {len(extra)} tensors the model does not use, "
+                          f"e.g. {extra[:5]} (wrong family or config?)")
+  filled = set()
+  for rule in rules:
+    values = rule.to_ours([state[k] for k in rule.hf])
+    for path, value in zip(rule.ours, values):
+      if path not in ours:
+        raise ConversionError(f"rule targets unknown parameter {path!r} (from {rule.hf[0]})")
+      var = ours[path]
+      if tuple(value.shape) != tuple(var.shape):
+        raise ConversionError(f"{rule.hf[0]} -> {path}: shape {tuple(value.shape)}, model "
+                              f"expects {tuple(var.shape)}")
+      var[...] = jnp.asarray(value, dtype=var.dtype)
+      filled.add(path)
+  unfilled = sorted(set(ours) - filled)
+  if unfilled:
+    raise ConversionError(f"{len(unfilled)} model parameters have no source tensor, e.g. "
+                          f"{unfilled[:5]}")
+
+
+def export_weights(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, np.ndarray]:
+  """HF state dict (numpy) from `model`: the inverse of `load_weights`."""
+  ours = flat_params(model)
+  out: dict[str, np.ndarray] = {}
+  for rule in rules:
+    values = rule.to_hf([np.asarray(ours[p][...]) for p in rule.ours])
+    out.update(zip(rule.hf, values))
+  return out
+
+
+# ----------------------------------------------------------------- whole models
+
+
+def _vision_prefix(state: StateDict, base: str) -> str:
+  """transformers 5.23 flattens CLIP keys; checkpoints on disk keep `vision_model.`."""
+  nested = f"{base}vision_model."
+  return nested if any(k.startswith(nested) for k in state) else base
+
+
+def import_text(state: StateDict, hf_config: Any, *, dtype: str = "float32",
+                rngs: Optional[nnx.Rngs] = None, moe_layout: str = "qwen2_moe"):
+  """*ForCausalLM (llama, qwen2, qwen2_moe, phi, stablelm) -> DecoderLM."""
+  from moe_vlm.models.llm import DecoderLM
+
+  cfg = text_config_from_hf(hf_config, dtype)
+  model = DecoderLM(cfg, rngs=rngs or nnx.Rngs(0))
+  ignore = ["lm_head."] if cfg.tie_embeddings else []
+  ignore += [k for k in state if ".shared_expert" in k]  # size-0 shared expert, checked above
+  load_weights(model, state, keymap.text_rules(cfg, moe_layout=moe_layout), ignore)
+  return model
+
+
+def import_vision(state: StateDict, hf_config: Any, *, dtype: str = "float32",
+                  rngs: Optional[nnx.Rngs] = None):
+  """CLIPVisionModel / SiglipVisionModel -> VisionEncoder."""
+  from moe_vlm.models.vision import VisionEncoder
+
+  cfg = vision_config_from_hf(hf_config, dtype)
+  model = VisionEncoder(cfg, rngs=rngs or nnx.Rngs(0))
+  prefix = _vision_prefix(state, "")
+  load_weights(model, state, keymap.vision_rules(cfg, "", prefix), [f"{prefix}head."])
+  return model
+
+
+def import_llava(state: StateDict, hf_config: Any, *, dtype: str = "float32",
+                 rngs: Optional[nnx.Rngs] = None, moe_layout: str = "qwen2_moe"):
+  """LlavaForConditionalGeneration -> VLM (an MoE text model if its text config is one)."""
+  from moe_vlm.models.vlm import VLM
+
+  cfg = vlm_config_from_hf(hf_config, dtype)
+  model = VLM(cfg, rngs=rngs or nnx.Rngs(0))
+  vprefix = _vision_prefix(state, "model.vision_tower.")
+  ignore = [f"{vprefix}head."]
+  if cfg.text.tie_embeddings:
+    ignore.append("lm_head.")
+  ignore += [k for k in state if ".shared_expert" in k]
+  load_weights(model, state, keymap.llava_rules(cfg, vprefix, moe_layout), ignore)
+  return model
+
+
+def import_pretrained(path: str, *, dtype: str = "float32", moe_layout: str = "qwen2_moe"):
+  """A model directory (config.json + safetensors) -> (our model, its config)."""
+  hf_config = load_hf_config(path)
+  state = load_safetensors(path)
+  mt = hf_config.model_type
+  if mt == "llava":
+    model = import_llava(state, hf_config, dtype=dtype, moe_layout=moe_layout)
+  elif mt in ("clip_vision_model", "siglip_vision_model"):
+    model = import_vision(state, hf_config, dtype=dtype)
+  elif mt in ("clip", "siglip"):
+    sub = hf_config.vision_config
+    vstate = {k[len("vision_model."):]: v for k, v in state.items()
+              if k.startswith("vision_model.")}
+    model = import_vision(vstate, sub, dtype=dtype)
+  else:
+    model = import_text(state, hf_config, dtype=dtype, moe_layout=moe_layout)
+  return model, model.cfg
+
+
