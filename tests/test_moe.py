@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_vlm.models import moe as moe_lib
 from moe_vlm.models.config import ConfigError, MoEConfig
 from moe_vlm.models.layers import MLP
 from moe_vlm.models.moe import IMAGE, PAD, TEXT, MoE
@@ -385,7 +384,7 @@ def test_identical_experts_equal_dense_mlp(x_rand, kind, use_bias, k, dispatch):
 
 
 def test_dropped_fraction_formula_and_min_capacity():
-  x, router = skewed_inputs(60, (3.0, 0.0, 0.0, 0.0), noise=0.5)
+  x, router = skewed_inputs(60, (4.0, 0.0, 0.0, 0.0), noise=0.5)
   w = make_weights(61, "gated", False)
   w["router"] = router
   _, _, idx, _ = np_route(x.reshape(S, D), router, 1)
@@ -427,9 +426,10 @@ def test_dropped_fraction_formula_and_min_capacity():
 # ----------------------------------------------------------------------------- 6. losses
 
 
-def test_aux_and_z_loss_hand_computed(x_rand):
+def test_aux_and_z_loss_hand_computed():
+  x_rand, router = skewed_inputs(70, (2.0, 1.0, 0.0, 0.0), noise=0.4)  # unbalanced router
   w = make_weights(70, "gated", False)
-  w["router"] = w["router"] * 3.0  # confident, unbalanced router
+  w["router"] = router
   layer = build(MoEConfig(num_experts=E, top_k=2), "gated", False, w)
   _, stats = run(layer, x_rand, dispatch="dropless")
   logits, probs, idx, _ = np_route(x_rand.reshape(S, D), w["router"], 2)
@@ -463,11 +463,24 @@ def test_aux_loss_one_for_balanced_router():
   np.testing.assert_allclose(stats["aux_loss"], 1.0, rtol=1e-6)
   lse = np.log(np.exp(a * c) + (E - 1))
   np.testing.assert_allclose(stats["z_loss"], lse ** 2, rtol=1e-6)
-  # Zero router: uniform probabilities, top-1 ties all go to expert 0 -> aux = E.
+  # Closed form, unbalanced: 3/4 of the tokens are c*e_0, 1/4 are c*e_1.
+  x2 = np.zeros((B, L, D), np.float32)
+  hot = np.where(np.arange(S) % 4 == 3, 1, 0)
+  x2.reshape(S, D)[np.arange(S), hot] = c
+  _, stats = run(layer, x2, dispatch="dropless")
+  p_hot = math.exp(a * c) / (math.exp(a * c) + E - 1)
+  p_cold = 1.0 / (math.exp(a * c) + E - 1)
+  me = np.array([0.75 * p_hot + 0.25 * p_cold, 0.75 * p_cold + 0.25 * p_hot, p_cold, p_cold])
+  ce = np.array([0.75, 0.25, 0.0, 0.0])
+  np.testing.assert_allclose(stats["aux_loss"], np.mean(me * ce) * E * E, rtol=1e-6)
+  assert stats["aux_loss"] > 1.5
+  # Zero router: uniform probabilities; top-1 ties all go to expert 0, but since
+  # me = 1/E everywhere, aux = sum(ce) * E / E = 1 whatever ce is.
   w["router"] = np.zeros((D, E), np.float32)
   layer = build(MoEConfig(num_experts=E, top_k=1), "gated", False, w)
   _, stats = run(layer, x, dispatch="dropless")
-  np.testing.assert_allclose(stats["aux_loss"], float(E), rtol=1e-6)
+  np.testing.assert_array_equal(stats["tokens_per_expert"], [S, 0, 0, 0])
+  np.testing.assert_allclose(stats["aux_loss"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(stats["z_loss"], np.log(E) ** 2, rtol=1e-6)
 
 

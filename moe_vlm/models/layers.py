@@ -29,7 +29,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
   if len(axes) != len(shape):
     raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
   return nnx.Param(init(rngs.params(), tuple(shape), dtype),
-                   sharding_names=tuple(axes), eager_sharding=False)
+                   out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Dense(nnx.Module):
