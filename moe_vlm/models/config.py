@@ -41,6 +41,11 @@ class MoEConfig:
   capacity_factor: float = 1.5
   eval_capacity_factor: float = 2.0
   min_capacity: int = 0
+  # Sequences per routing group for the capacity path: capacity is computed, and tokens
+  # compete for it, within a group (DeepSpeed's group is one rank's micro-batch). None
+  # makes the whole batch of the call one group. Either way the result does not depend
+  # on the mesh; the dropless path has no groups.
+  group_size: Optional[int] = None
   # Renormalise the kept top-k gate values to sum to one (MoE-LLaVA top-2 does).
   renormalize: bool = True
   aux_loss_coef: float = 0.01
@@ -80,6 +85,8 @@ class MoEConfig:
     if self.dispatch not in ("capacity", "dropless"):
       raise ConfigError(
           f"moe.dispatch={self.dispatch!r}: expected 'capacity' or 'dropless'")
+    if self.group_size is not None and self.group_size < 1:
+      raise ConfigError(f"moe.group_size={self.group_size}: expected None or >= 1")
     if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
       raise ConfigError("moe.capacity_factor and moe.eval_capacity_factor must be > 0")
     idx = self.layer_indices(num_layers)
@@ -125,6 +132,9 @@ class TextConfig:
   # Compute dtype of activations and matmuls; parameters stay in `param_dtype`.
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # Rematerialisation of each decoder block in the backward pass: "none", "full"
+  # (save only block inputs), "dots" (save matmul outputs), "dots_no_batch".
+  remat: str = "none"
 
   @property
   def dim_per_head(self) -> int:
@@ -154,6 +164,8 @@ class TextConfig:
     if self.mlp not in ("gated", "plain"):
       raise ConfigError(f"text.mlp={self.mlp!r}: expected 'gated' or 'plain'")
     check_activation(self.activation, "text.activation")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"text.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     if self.moe is not None:
       self.moe.validate(self.num_layers)
 
@@ -248,6 +260,8 @@ class VLMConfig:
           f"image_token_id={self.image_token_id} outside the vocabulary "
           f"(vocab_size={self.text.vocab_size})")
 
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_tanh",
                 "quick_gelu", "relu")

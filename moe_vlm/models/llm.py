@@ -117,8 +117,9 @@ class DecoderLM(nnx.Module):
     mask = causal_mask(attention_mask)
     rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
     per_layer = []
+    run = _rematted(self.cfg.remat, train, dispatch)
     for block in self.layers:
-      x, stats = block(x, mask, rope, modality, train=train, dispatch=dispatch)
+      x, stats = run(block, x, mask, rope, modality)
       if stats is not None:
         per_layer.append(stats)
     x = self.final_norm(x)
@@ -127,6 +128,22 @@ class DecoderLM(nnx.Module):
     else:
       logits = self.lm_head(x)
     return logits.astype(jnp.float32), summarize_moe(per_layer)
+
+
+_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _rematted(policy: str, train: bool, dispatch: Optional[str]):
+  """A block runner, wrapped in nnx.remat when a policy asks for recomputation."""
+  def run(block, x, mask, rope, modality):
+    return block(x, mask, rope, modality, train=train, dispatch=dispatch)
+  if policy == "none":
+    return run
+  return nnx.remat(run, policy=_POLICIES[policy])
 
 
 def summarize_moe(per_layer: list[dict[str, Array]]) -> dict[str, Array]:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from moe_vlm.models.config import MoEConfig
 from moe_vlm.models.layers import activation, default_kernel_init, param, torch_linear_init
+from moe_vlm.parallel.mesh import constrain
 
 Array = jax.Array
 
@@ -138,18 +139,29 @@ def router_z_loss(logits: Array) -> Array:
 
 def dispatch_capacity(experts: Experts, x: Array, idx: Array, keep: Array, slot: Array,
                       weights: Array, capacity: int) -> Array:
-  """Scatter tokens into [E, C, D] buffers, run the experts, gather and weight back."""
-  s, k = idx.shape
+  """Scatter each group's tokens into [E, C, D] buffers, run the experts, gather back.
+
+  x [G, S, D], idx/keep/slot/weights [G, S, k] -> [G, S, D]. The buffers of all groups
+  meet the experts as one [E, G*C, D] array: with groups split over the batch axes and
+  experts over `expert`, that relayout is the all-to-all of expert parallelism.
+  """
+  g, s, k = idx.shape
+  d = x.shape[-1]
   num_experts = experts.wo.shape[0]
   # Dropped choices point one past the buffer so `mode="drop"`/`"fill"` ignore them.
-  flat = jnp.where(keep, idx * capacity + slot, num_experts * capacity).reshape(s * k)
-  tokens = jnp.repeat(x, k, axis=0)
-  buf = jnp.zeros((num_experts * capacity, x.shape[-1]), x.dtype)
-  buf = buf.at[flat].set(tokens, mode="drop")
-  out = experts.batched(buf.reshape(num_experts, capacity, -1))
-  out = out.reshape(num_experts * capacity, -1)
-  picked = jnp.take(out, flat, axis=0, mode="fill", fill_value=0).reshape(s, k, -1)
-  return jnp.einsum("skd,sk->sd", picked, weights.astype(picked.dtype))
+  flat = jnp.where(keep, idx * capacity + slot, num_experts * capacity).reshape(g, s * k)
+  tokens = jnp.repeat(x, k, axis=1)
+  scatter = lambda f, t: jnp.zeros((num_experts * capacity, d), x.dtype).at[f].set(
+      t, mode="drop")
+  buf = jax.vmap(scatter)(flat, tokens).reshape(g, num_experts, capacity, d)
+  buf = buf.transpose(1, 0, 2, 3).reshape(num_experts, g * capacity, d)
+  buf = constrain(buf, ("expert", "expert_tokens", "act_embed"))
+  out = constrain(experts.batched(buf), ("expert", "expert_tokens", "act_embed"))
+  out = out.reshape(num_experts, g, capacity, d).transpose(1, 0, 2, 3)
+  out = constrain(out.reshape(g, num_experts * capacity, d), ("batch", None, "act_embed"))
+  gather = lambda o, f: jnp.take(o, f, axis=0, mode="fill", fill_value=0)
+  picked = jax.vmap(gather)(out, flat).reshape(g, s, k, d)
+  return jnp.einsum("gskd,gsk->gsd", picked, weights.astype(picked.dtype))
 
 
 def dispatch_dropless(experts: Experts, x: Array, idx: Array, weights: Array) -> Array:
@@ -213,14 +225,25 @@ class MoE(nnx.Module):
       keep = jnp.ones_like(idx, dtype=bool)
       weights = combine_weights(gates, keep, cfg.renormalize)
       y = dispatch_dropless(self.experts, tokens, idx, weights)
+      aux_loss = load_balancing_loss(probs, idx[:, 0])
     elif dispatch == "capacity":
-      capacity = cfg.capacity(b * l, train)
-      slot, keep = capacity_slots(idx, cfg.num_experts, capacity)
-      weights = combine_weights(gates, keep, cfg.renormalize)
-      y = dispatch_capacity(self.experts, tokens, idx, keep, slot, weights, capacity)
+      group = cfg.group_size or b
+      if b % group:
+        raise ValueError(f"batch of {b} sequences is not divisible by moe.group_size={group}")
+      g, s = b // group, group * l
+      capacity = cfg.capacity(s, train)
+      grouped = lambda a: a.reshape((g, s) + a.shape[1:])
+      slot, keep = jax.vmap(capacity_slots, (0, None, None))(grouped(idx), cfg.num_experts,
+                                                             capacity)
+      weights = combine_weights(grouped(gates), keep, cfg.renormalize)
+      y = dispatch_capacity(self.experts, grouped(tokens), grouped(idx), keep, slot, weights,
+                            capacity)
+      keep = keep.reshape(b * l, cfg.top_k)
+      # Each group balances its own router (as each DeepSpeed rank does); average them.
+      aux_loss = jnp.mean(jax.vmap(load_balancing_loss)(grouped(probs), grouped(idx[:, 0])))
     else:
       raise ValueError(f"dispatch={dispatch!r}: expected 'capacity' or 'dropless'")
     stats = routing_stats(idx, keep, modality, cfg.num_experts)
-    stats["aux_loss"] = load_balancing_loss(probs, idx[:, 0])
+    stats["aux_loss"] = aux_loss
     stats["z_loss"] = router_z_loss(logits)
     return y.reshape(b, l, d).astype(x.dtype), stats

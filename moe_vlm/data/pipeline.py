@@ -1,0 +1,204 @@
+"""Records -> model batches: per-example preprocessing and the grain input pipeline.
+
+Batch contract (every field a numpy array with leading batch dim B, L = max_length,
+S = image_size):
+  input_ids       int32 [B, L]  `<image>` expanded to num_image_tokens image ids;
+                                right-padded with the tokenizer's pad id
+  attention_mask  int32 [B, L]  1 on real tokens
+  loss_mask       int32 [B, L]  1 where input_ids[t] is a target (answer tokens and the
+                                eos closing each answer); the trainer shifts it
+  pixel_values    float32 [B, S, S, 3]  normalised NHWC; zeros for text-only rows
+  has_image       int32 [B]     1 when the row holds image tokens
+  ok              int32 [B]     0 for a bad sample (see below)
+  truncated       int32 [B]     1 when max_length cut the conversation
+  bad_reason      int32 [B]     OK / MISSING_IMAGE / UNREADABLE_IMAGE /
+                                MALFORMED_CONVERSATION / IMAGE_TRUNCATED
+
+Bad samples never raise: they flow through as rows with ok=0, every mask zero, pad
+ids and zero pixels, so they contribute nothing to the loss and their counts survive
+multiprocess workers (`summarize_bad`). A row whose attention_mask is all zeros must
+therefore not produce NaNs in attention (use a finite mask value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import grain
+import numpy as np
+
+from moe_vlm.data import images as images_lib
+from moe_vlm.data import templates
+
+OK, MISSING_IMAGE, UNREADABLE_IMAGE, MALFORMED_CONVERSATION, IMAGE_TRUNCATED = range(5)
+BAD_REASONS = ("ok", "missing_image", "unreadable_image", "malformed_conversation",
+               "image_truncated")
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "has_image", "ok",
+              "truncated", "bad_reason")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """What turns a record into model inputs (ties the data to the model config)."""
+
+  template: str
+  max_length: int
+  num_image_tokens: int
+  image_token_id: int
+  image_size: int
+  normalization: str = "clip"  # "clip" | "siglip"
+  pad_to_square: bool = True  # MoE-LLaVA's image_aspect_ratio="pad"
+  add_bos: bool = False
+
+  def __post_init__(self):
+    if self.template not in templates.TEMPLATES:
+      raise ValueError(f"PreprocessConfig.template={self.template!r}; expected one of "
+                       f"{templates.TEMPLATES}")
+    for name in ("max_length", "num_image_tokens", "image_size"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"PreprocessConfig.{name} must be positive, got "
+                         f"{getattr(self, name)}")
+    images_lib.get_normalization(self.normalization)
+
+
+def _bad(config: PreprocessConfig, pad: int, reason: int) -> dict[str, np.ndarray]:
+  L, S = config.max_length, config.image_size
+  return {
+      "input_ids": np.full(L, pad, np.int32),
+      "attention_mask": np.zeros(L, np.int32),
+      "loss_mask": np.zeros(L, np.int32),
+      "pixel_values": np.zeros((S, S, 3), np.float32),
+      "has_image": np.int32(0),
+      "ok": np.int32(0),
+      "truncated": np.int32(reason == IMAGE_TRUNCATED),
+      "bad_reason": np.int32(reason),
+  }
+
+
+def preprocess(record: Mapping[str, Any], tokenizer: Any,
+               config: PreprocessConfig) -> dict[str, np.ndarray]:
+  """One record ({"image", "conversations", ...}) -> one example of the batch contract.
+
+  Data problems become ok=0 rows with a `bad_reason`; configuration problems (unknown
+  template, tokenizer without eos) still raise, since every sample would fail.
+  """
+  pad = templates.pad_id(tokenizer)
+  conversations = record.get("conversations")
+  if record.get("error") is not None or conversations is None:
+    return _bad(config, pad, MALFORMED_CONVERSATION)
+  try:
+    conversations = templates.validate_conversations(conversations)
+  except templates.ConversationError:
+    return _bad(config, pad, MALFORMED_CONVERSATION)
+
+  image = record.get("image")
+  if image is not None:
+    try:
+      pixels = images_lib.load_and_transform(
+          image, image_size=config.image_size, normalization=config.normalization,
+          pad_to_square=config.pad_to_square)
+    except images_lib.MissingImageError:
+      return _bad(config, pad, MISSING_IMAGE)
+    except images_lib.UnreadableImageError:
+      return _bad(config, pad, UNREADABLE_IMAGE)
+    conversations = templates.ensure_image_placeholder(conversations)
+  else:
+    if templates.has_image_placeholder(conversations):
+      # Image tokens with no image would feed garbage features to the model.
+      return _bad(config, pad, MALFORMED_CONVERSATION)
+    pixels = np.zeros((config.image_size, config.image_size, 3), np.float32)
+
+  try:
+    enc = templates.tokenize_conversation(
+        conversations, tokenizer, config.template, num_image_tokens=config.num_image_tokens,
+        image_token_id=config.image_token_id, max_length=config.max_length,
+        add_bos=config.add_bos)
+  except templates.ImageTruncatedError:
+    return _bad(config, pad, IMAGE_TRUNCATED)
+  except templates.ConversationError:
+    return _bad(config, pad, MALFORMED_CONVERSATION)
+  has_image = enc.num_image_tokens > 0
+  return {
+      "input_ids": enc.input_ids,
+      "attention_mask": enc.attention_mask,
+      "loss_mask": enc.loss_mask,
+      "pixel_values": pixels if has_image else np.zeros_like(pixels),
+      "has_image": np.int32(has_image),
+      "ok": np.int32(1),
+      "truncated": np.int32(enc.truncated),
+      "bad_reason": np.int32(OK),
+  }
+
+
+class Preprocess(grain.transforms.Map):
+  """`preprocess` as a picklable grain transform (goes to multiprocess workers)."""
+
+  def __init__(self, tokenizer: Any, config: PreprocessConfig):
+    self.tokenizer = tokenizer
+    self.config = config
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return preprocess(element, self.tokenizer, self.config)
+
+
+def summarize_bad(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
+  """{reason name: count} over a batch (or over concatenated batches), all reasons."""
+  codes = np.asarray(batch["bad_reason"]).reshape(-1)
+  return {name: int(np.sum(codes == code)) for code, name in enumerate(BAD_REASONS)}
+
+
+def shard_dataset(ds: grain.MapDataset, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This process's shard: a strided slice of equal length on every process.
+
+  Strided (not contiguous) so each shard mixes all parts of a file that is ordered by
+  source; the `len % process_count` tail is dropped so every process runs the same
+  number of steps per epoch.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  if process_count == 1:
+    return ds
+  per_process = len(ds) // process_count
+  if per_process == 0:
+    raise ValueError(f"data set of {len(ds)} records is smaller than process_count="
+                     f"{process_count}")
+  return ds[process_index:per_process * process_count:process_count]
+
+
+def make_pipeline(source: Any, transform: Optional[Callable[[Any], Any]], *,
+                  batch_size: int, seed: int, shuffle: bool = True,
+                  num_epochs: Optional[int] = None, process_index: int = 0,
+                  process_count: int = 1, worker_count: int = 0,
+                  worker_buffer_size: int = 2, read_threads: int = 8,
+                  read_buffer_size: int = 64, drop_remainder: bool = True) -> grain.IterDataset:
+  """Source -> shard -> shuffle -> repeat -> transform -> batch [-> mp_prefetch].
+
+  `batch_size` is per process. Shuffling is global within the process's shard and
+  different (but deterministic) every epoch; num_epochs=None repeats forever.
+  `iter(pipeline)` gives a grain DatasetIterator whose `get_state()` / `set_state()`
+  restore the exact position (elements are addressed by index, and `transform` must be
+  a pure function of the record, which `Preprocess` is). With worker_count > 0 the
+  transform and batching run in that many worker processes (the transform must pickle).
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if num_epochs is not None and num_epochs <= 0:
+    raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+  ds = grain.MapDataset.source(source)
+  if len(ds) == 0:
+    raise ValueError(f"data source {source!r} is empty")
+  ds = shard_dataset(ds, process_index, process_count)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  if transform is not None:
+    ds = ds.map(transform)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                            prefetch_buffer_size=read_buffer_size))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+  return ds

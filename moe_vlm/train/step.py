@@ -1,0 +1,178 @@
+"""The train step: one pure function, jit-compiled with explicit shardings.
+
+State is a `TrainState` of flat parameter dicts split into `params` (trainable, with
+optimizer state) and `frozen` (no gradient, no optimizer state: XLA never computes
+their weight gradients). Loss = masked next-token cross-entropy over answer tokens,
+normalised by the answer-token count of the whole (accumulated) batch, plus
+`aux_loss_coef * sum of per-layer load-balancing losses` and an optional z-loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe_vlm.models.params import ParamCodec, Params
+from moe_vlm.parallel import mesh as mesh_lib
+from moe_vlm.train.optim import OptimConfig, make_optimizer, schedule
+
+Batch = Mapping[str, jax.Array]
+MODEL_INPUTS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: Params       # trainable
+  frozen: Params       # everything else
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  optim: OptimConfig = OptimConfig()
+  grad_accum: int = 1
+  aux_loss_coef: float = 0.01
+  z_loss_coef: float = 0.0
+  # Override the MoE dispatch used in training (None: the model config's).
+  dispatch: Optional[str] = None
+
+
+class EmptyTrainableSet(ValueError):
+  """A stage would train nothing - usually a module list that matches no parameter."""
+
+
+def split_params(params: Params, trainable: Callable[[str], bool]) -> tuple[Params, Params]:
+  train = {k: v for k, v in params.items() if trainable(k)}
+  frozen = {k: v for k, v in params.items() if not trainable(k)}
+  if not train:
+    raise EmptyTrainableSet("no parameter is trainable: the trainable-module selection "
+                            "matched nothing (check the stage's train_modules)")
+  return train, frozen
+
+
+def token_loss(logits: jax.Array, input_ids: jax.Array,
+               loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Sum of next-token CE over positions whose TARGET is an answer token, and their count."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], input_ids[:, 1:])
+  w = loss_mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(ce * w), jnp.sum(w)
+
+
+def _moe_metrics(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  out = {}
+  for key in ("tokens_per_expert", "tokens_per_expert_image", "tokens_per_expert_text",
+              "dropped_fraction"):
+    if f"layers/{key}" in aux:
+      out[f"moe/{key}"] = aux[f"layers/{key}"]
+  return out
+
+
+def make_loss_fn(codec: ParamCodec, cfg: StepConfig):
+  def loss_fn(params: Params, frozen: Params, batch: Batch, num_targets: jax.Array):
+    model = codec.merge({**frozen, **params})
+    logits, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                        train=True, dispatch=cfg.dispatch)
+    ce_sum, n = token_loss(logits, batch["input_ids"], batch["loss_mask"])
+    ce = ce_sum / jnp.maximum(num_targets, 1.0)
+    total = ce + cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
+    metrics = {"ce_sum": ce_sum, "targets": n, "aux_loss": aux["aux_loss"],
+               "z_loss": aux["z_loss"], **_moe_metrics(aux)}
+    return total, metrics
+  return loss_fn
+
+
+def make_train_step(codec: ParamCodec, cfg: StepConfig,
+                    tx: Optional[optax.GradientTransformation] = None):
+  """(state, batch) -> (state, metrics); pure, so it can be jitted with any shardings."""
+  tx = tx or make_optimizer(cfg.optim)
+  grad_fn = jax.grad(make_loss_fn(codec, cfg), has_aux=True)
+  lr_at = schedule(cfg.optim)
+  a = cfg.grad_accum
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    batch = {k: batch[k] for k in MODEL_INPUTS}
+    num_targets = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    if a == 1:
+      grads, m = grad_fn(state.params, state.frozen, batch, num_targets)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((a, x.shape[0] // a) + x.shape[1:]), batch)
+
+      def body(acc, mb):
+        g, m = grad_fn(state.params, state.frozen, mb, num_targets)
+        return jax.tree.map(jnp.add, acc, (g, m)), None
+
+      zeros = jax.eval_shape(lambda: grad_fn(state.params, state.frozen,
+                                             jax.tree.map(lambda x: x[0], micro), num_targets))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (grads, m), _ = jax.lax.scan(body, zeros, micro)
+      # Losses and routing fractions are per micro-batch means: average them; counts add.
+      m = {k: (v if k in ("ce_sum", "targets") or k.startswith("moe/tokens") else v / a)
+           for k, v in m.items()}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": m["ce_sum"] / jnp.maximum(m["targets"], 1.0),
+        "aux_loss": m["aux_loss"], "z_loss": m["z_loss"], "targets": m["targets"],
+        "grad_norm": optax.global_norm(grads), "lr": lr_at(state.step),
+        **{k: v for k, v in m.items() if k.startswith("moe/")},
+    }
+    return TrainState(state.step + 1, params, state.frozen, opt_state), metrics
+
+  return step
+
+
+# ------------------------------------------------------------------ sharded set-up
+
+
+def state_shardings(codec: ParamCodec, trainable: Callable[[str], bool], mesh: Mesh,
+                    tx: optax.GradientTransformation,
+                    rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES) -> TrainState:
+  """NamedShardings for every leaf of the TrainState (optimizer moments like params)."""
+  shard = mesh_lib.param_shardings(codec.logical_axes, codec.shapes, mesh, rules)
+  train, frozen = split_params(shard, trainable)
+  abstract = {k: codec.shapes[k] for k in train}
+  opt_abstract = jax.eval_shape(tx.init, abstract)
+  replicated = NamedSharding(mesh, P())
+  opt = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, train,
+                              transform_non_params=lambda _: replicated,
+                              is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  return TrainState(replicated, train, frozen, opt)
+
+
+def init_state(params: Params, trainable: Callable[[str], bool],
+               tx: optax.GradientTransformation, shardings: Optional[TrainState] = None,
+               step: int = 0) -> TrainState:
+  """TrainState from full params, placed on the mesh when `shardings` is given."""
+  train, frozen = split_params(params, trainable)
+  if shardings is None:
+    return TrainState(jnp.asarray(step, jnp.int32), train, frozen, tx.init(train))
+  train = jax.device_put(train, shardings.params)
+  frozen = jax.device_put(frozen, shardings.frozen)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(train)
+  return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), train,
+                    frozen, opt_state)
+
+
+def batch_shardings(mesh: Mesh, batch: Batch,
+                    rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES) -> dict[str, NamedSharding]:
+  return {k: mesh_lib.batch_sharding(mesh, jnp.ndim(batch[k]), rules) for k in MODEL_INPUTS}
+
+
+def jit_train_step(step_fn, mesh: Mesh, shardings: TrainState, example_batch: Batch,
+                   rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES):
+  """jit with explicit in/out shardings and the state donated; activations are pinned
+  by logical names while tracing (see `mesh_lib.activation_sharding`)."""
+  bsh = batch_shardings(mesh, example_batch, rules)
+  replicated = NamedSharding(mesh, P())
+
+  def traced(state, batch):
+    with mesh_lib.activation_sharding(mesh, rules):
+      return step_fn(state, batch)
+
+  return jax.jit(traced, in_shardings=(shardings, bsh), out_shardings=(shardings, replicated),
+                 donate_argnums=(0,))
