@@ -98,9 +98,15 @@ def _rope(cfg: Any) -> tuple[float, float]:
   return float(theta), float(partial)
 
 
+_TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen2_moe", "phi", "stablelm")
+
+
 def text_config_from_hf(hf: Any, dtype: str = "float32") -> TextConfig:
   """TextConfig from a transformers config of a supported decoder family."""
   mt = _get(hf, "model_type")
+  if mt not in _TEXT_FAMILIES:
+    raise ConfigError(f"model_type={mt!r}: supported text families are "
+                      f"{', '.join(_TEXT_FAMILIES)}")
   theta, partial = _rope(hf)
   common = dict(
       vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
@@ -147,8 +153,7 @@ def text_config_from_hf(hf: Any, dtype: str = "float32") -> TextConfig:
     return TextConfig(family="stablelm", norm="layer", norm_eps=hf.layer_norm_eps,
                       mlp="gated", qkv_bias=bool(hf.use_qkv_bias),
                       parallel_residual=bool(hf.use_parallel_residual), **common)
-  raise ConfigError(f"model_type={mt!r}: supported text families are llama, mistral, qwen2, "
-                    "qwen2_moe, phi, stablelm")
+  raise AssertionError(mt)  # unreachable: _TEXT_FAMILIES lists the branches above
 
 
 def vision_config_from_hf(hf: Any, dtype: str = "float32") -> VisionConfig:
@@ -178,6 +183,53 @@ def vlm_config_from_hf(hf: Any, dtype: str = "float32") -> VLMConfig:
                    vision_feature_layer=layer,
                    vision_feature_select_strategy=hf.vision_feature_select_strategy,
                    image_token_id=hf.image_token_index)
+
+
+# ---------------------------------------------------------- on-disk key layouts
+
+# transformers 5 keeps two layouts: the in-memory one our tables use, and the on-disk one
+# that save_pretrained writes and hub checkpoints carry. Rename on-disk keys on import.
+_LLAVA_DISK_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def canonical_llava_keys(state: StateDict) -> dict[str, np.ndarray]:
+  out = {}
+  for key, value in state.items():
+    for disk, mem in _LLAVA_DISK_PREFIXES:
+      if key.startswith(disk):
+        key = mem + key[len(disk):]
+        break
+    out[key] = value
+  return out
+
+
+def fuse_unfused_experts(state: StateDict) -> dict[str, np.ndarray]:
+  """`mlp.experts.<i>.{gate,up,down}_proj.weight` (on disk) -> fused
+  `mlp.experts.gate_up_proj [E, 2F, D]` and `mlp.experts.down_proj [E, D, F]`."""
+  out, experts = {}, {}
+  for key, value in state.items():
+    head, sep, tail = key.partition(".mlp.experts.")
+    parts = tail.split(".")
+    if sep and len(parts) == 3 and parts[0].isdigit() and parts[2] == "weight":
+      experts.setdefault(head, {}).setdefault(parts[1], {})[int(parts[0])] = to_numpy(value)
+    else:
+      out[key] = value
+  for head, projs in experts.items():
+    n = len(projs.get("down_proj", {}))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      if sorted(projs.get(name, {})) != list(range(n)):
+        raise ConversionError(f"{head}.mlp.experts: expected {name}.weight for experts "
+                              f"0..{n - 1}, found {sorted(projs.get(name, {}))}")
+    stack = lambda name: np.stack([projs[name][i] for i in range(n)])
+    out[f"{head}.mlp.experts.gate_up_proj"] = np.concatenate(
+        [stack("gate_proj"), stack("up_proj")], axis=1)
+    out[f"{head}.mlp.experts.down_proj"] = stack("down_proj")
+  return out
 
 
 # ----------------------------------------------------------------- apply the rules
@@ -247,6 +299,7 @@ def import_text(state: StateDict, hf_config: Any, *, dtype: str = "float32",
   from moe_vlm.models.llm import DecoderLM
 
   cfg = text_config_from_hf(hf_config, dtype)
+  state = fuse_unfused_experts(state)
   model = DecoderLM(cfg, rngs=rngs or nnx.Rngs(0))
   ignore = ["lm_head."] if cfg.tie_embeddings else []
   ignore += [k for k in state if ".shared_expert" in k]  # size-0 shared expert, checked above
@@ -272,6 +325,7 @@ def import_llava(state: StateDict, hf_config: Any, *, dtype: str = "float32",
   from moe_vlm.models.vlm import VLM
 
   cfg = vlm_config_from_hf(hf_config, dtype)
+  state = fuse_unfused_experts(canonical_llava_keys(state))
   model = VLM(cfg, rngs=rngs or nnx.Rngs(0))
   vprefix = _vision_prefix(state, "model.vision_tower.")
   ignore = [f"{vprefix}head."]
