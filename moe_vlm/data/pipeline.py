@@ -167,6 +167,15 @@ def shard_dataset(ds: grain.MapDataset, process_index: int,
   return ds[process_index:per_process * process_count:process_count]
 
 
+def _ensure_absl_flags_parsed() -> None:
+  # grain 0.2.18's multiprocess prefetch reads an absl flag (worker profiling) and
+  # fails with UnparsedFlagAccessError in programs that never ran `absl.app.run`
+  # (notebooks, pytest, plain scripts). Marking the flags parsed keeps their defaults.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def make_pipeline(source: Any, transform: Optional[Callable[[Any], Any]], *,
                   batch_size: int, seed: int, shuffle: bool = True,
                   num_epochs: Optional[int] = None, process_index: int = 0,
@@ -180,7 +189,10 @@ def make_pipeline(source: Any, transform: Optional[Callable[[Any], Any]], *,
   `iter(pipeline)` gives a grain DatasetIterator whose `get_state()` / `set_state()`
   restore the exact position (elements are addressed by index, and `transform` must be
   a pure function of the record, which `Preprocess` is). With worker_count > 0 the
-  transform and batching run in that many worker processes (the transform must pickle).
+  transform and batching run in that many spawned worker processes: the transform and
+  source must pickle, and the main script must be import-safe (`if __name__ ==
+  "__main__":`). Each worker batches its own slice, so changing worker_count changes
+  the order (deterministically).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -199,6 +211,7 @@ def make_pipeline(source: Any, transform: Optional[Callable[[Any], Any]], *,
                                             prefetch_buffer_size=read_buffer_size))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:
+    _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
   return ds
