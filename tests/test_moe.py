@@ -9,6 +9,7 @@ References used here:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -101,25 +102,26 @@ def np_route(x: np.ndarray, router: np.ndarray, k: int):
   probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
   idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
   gates = np.take_along_axis(probs, idx, axis=-1)
-  # Guard the test itself: float32 vs float64 must not be able to flip a choice.
-  srt = -np.sort(-probs, axis=-1)
-  assert np.min(srt[:, k - 1] - srt[:, k]) > 1e-5 if k < probs.shape[-1] else True
+  if k < probs.shape[-1]:
+    # Guard the test data: float32 vs float64 rounding must not be able to flip a choice.
+    srt = -np.sort(-probs, axis=-1)
+    assert np.min(srt[:, k - 1] - srt[:, k]) > 1e-5, "near-tie in the test data"
   return logits, probs, idx, gates
 
 
-def np_dropless(x, w, kind, k):
+def np_dropless(x, w, kind, k, renormalize=True):
   """Per-token loop: sum over the top-k of renormalised gate * FFN_e(x)."""
   tokens = x.reshape(-1, x.shape[-1])
   _, _, idx, gates = np_route(tokens, w["router"], k)
   y = np.zeros(tokens.shape, np.float64)
   for s in range(tokens.shape[0]):
-    wts = gates[s] / gates[s].sum()
+    wts = gates[s] / gates[s].sum() if renormalize else gates[s]
     for j in range(k):
       y[s] += wts[j] * np_ffn(w, kind, idx[s, j], tokens[s])
   return y.reshape(x.shape)
 
 
-def np_capacity(x, w, kind, k, capacity):
+def np_capacity(x, w, kind, k, capacity, renormalize=True):
   """DeepSpeed 0.9.5 top-k capacity gating, written as loops.
 
   Slots are filled choice-major (all first choices, then all second choices), each
@@ -139,7 +141,7 @@ def np_capacity(x, w, kind, k, capacity):
         keep[s, j] = True
         filled[e] += 1
   kept = gates * keep
-  wts = kept / np.maximum(kept.sum(-1, keepdims=True), EPS32)
+  wts = kept / np.maximum(kept.sum(-1, keepdims=True), EPS32) if renormalize else kept
   y = np.zeros(tokens.shape, np.float64)
   for s in range(n):
     for j in range(k):
@@ -158,9 +160,18 @@ def skewed_inputs(seed: int, router_bias: tuple[float, ...], noise: float = 0.3)
   return x, router
 
 
-def run(layer, x, modality=None, *, train=False, dispatch=None):
-  y, stats = layer(jnp.asarray(x), None if modality is None else jnp.asarray(modality),
-                   train=train, dispatch=dispatch)
+@functools.partial(nnx.jit, static_argnames=("train", "dispatch"))
+def _apply(layer, x, modality, train, dispatch):
+  return layer(x, modality, train=train, dispatch=dispatch)
+
+
+def run(layer, x, modality=None, *, train=False, dispatch=None, jit=False):
+  """Calls the layer (eager by default: op compiles are shared by all tests) -> numpy."""
+  args = (jnp.asarray(x), None if modality is None else jnp.asarray(modality))
+  if jit:
+    y, stats = _apply(layer, *args, train=train, dispatch=dispatch)
+  else:
+    y, stats = layer(*args, train=train, dispatch=dispatch)
   return np.asarray(y), {k: np.asarray(v) for k, v in stats.items()}
 
 
@@ -325,6 +336,10 @@ def test_capacity_train_vs_eval_factor(drop_case):
   # The config's default dispatch is capacity.
   y_default, _ = run(layer, x, train=True)
   np.testing.assert_array_equal(y_default, y_train)
+  # Jitted calls agree with the eager ones.
+  y_jit, st_jit = run(layer, x, train=True, jit=True)
+  np.testing.assert_allclose(y_jit, y_train, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(st_jit["dropped_fraction"], st_train["dropped_fraction"])
 
 
 @pytest.mark.parametrize("kind,use_bias", [("gated", False), ("plain", True)])
@@ -336,6 +351,69 @@ def test_capacity_without_drops_equals_dropless(x_rand, kind, use_bias):
   assert st["dropped_fraction"] == 0.0
   np.testing.assert_allclose(y_cap, y_dl, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(y_cap, np_capacity(x_rand, w, kind, 2, 48)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_renormalize_false_keeps_raw_gates(drop_case, k):
+  """renormalize=False (DeepSpeed's top-1 gating): kept choices weigh their raw
+  probability, dropped ones zero."""
+  x, w = drop_case
+  cfg = MoEConfig(num_experts=E, top_k=k, capacity_factor=1.0, renormalize=False)
+  layer = build(cfg, "gated", False, w)
+  y_dl, _ = run(layer, x, dispatch="dropless")
+  np.testing.assert_allclose(y_dl, np_dropless(x, w, "gated", k, renormalize=False),
+                             rtol=1e-5, atol=1e-5)
+  assert np.abs(y_dl - np_dropless(x, w, "gated", k)).max() > 1e-2
+  cap = math.ceil(S / E * 1.0 * k)
+  y_cap, _ = run(layer, x, train=True, dispatch="capacity")
+  ref, keep, _ = np_capacity(x, w, "gated", k, cap, renormalize=False)
+  assert (~keep).any()
+  np.testing.assert_allclose(y_cap, ref, rtol=1e-5, atol=1e-5)
+
+
+def np_aux(probs, top1, num_experts=E):
+  me = probs.mean(0)
+  ce = np.bincount(top1, minlength=num_experts) / len(top1)
+  return np.mean(me * ce) * num_experts * num_experts
+
+
+def test_capacity_group_size_routes_each_group_separately(drop_case):
+  """group_size=1: each sequence is its own DeepSpeed group (own capacity, own aux)."""
+  x, w = drop_case
+  cfg = MoEConfig(num_experts=E, top_k=2, capacity_factor=1.0, group_size=1)
+  cap = math.ceil(L / E * 1.0 * 2)  # 12 per sequence of 24 tokens
+  layer = build(cfg, "gated", False, w)
+  y, stats = run(layer, x, train=True, dispatch="capacity")
+  refs, keeps, auxes = [], [], []
+  for b in range(B):
+    ref, keep, _ = np_capacity(x[b:b + 1], w, "gated", 2, cap)
+    _, probs, idx, _ = np_route(x[b], w["router"], 2)
+    refs.append(ref[0]), keeps.append(keep), auxes.append(np_aux(probs, idx[:, 0]))
+  keep = np.concatenate(keeps)
+  assert (~keeps[0]).any() and (~keeps[1]).any()  # both groups drop
+  np.testing.assert_allclose(y, np.stack(refs), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats["dropped_fraction"], 1 - keep.mean(), rtol=1e-6)
+  np.testing.assert_allclose(stats["aux_loss"], np.mean(auxes), rtol=1e-5)
+  # One group over the whole batch differs (the first sequence has priority there) ...
+  whole = build(MoEConfig(num_experts=E, top_k=2, capacity_factor=1.0), "gated", False, w)
+  y_whole, _ = run(whole, x, train=True, dispatch="capacity")
+  assert np.abs(y_whole - y).max() > 1e-2
+  # ... and group_size=B is the same as None.
+  full = build(MoEConfig(num_experts=E, top_k=2, capacity_factor=1.0, group_size=B),
+               "gated", False, w)
+  np.testing.assert_array_equal(run(full, x, train=True, dispatch="capacity")[0], y_whole)
+  # Dropless has no groups: the group size changes nothing there.
+  np.testing.assert_allclose(run(layer, x, dispatch="dropless")[0],
+                             np_dropless(x, w, "gated", 2), rtol=1e-5, atol=1e-5)
+
+
+def test_group_size_errors(x_rand):
+  with pytest.raises(ConfigError, match="group_size"):
+    MoEConfig(group_size=0).validate(4)
+  layer = build(MoEConfig(num_experts=E, top_k=2, group_size=3), "gated", False,
+                make_weights(0, "gated", False))
+  with pytest.raises(ValueError, match="group_size"):
+    layer(jnp.asarray(x_rand), train=True, dispatch="capacity")
 
 
 def test_unknown_dispatch_raises(x_rand):
@@ -528,8 +606,9 @@ def test_gradients_dropless_vs_large_capacity(x_rand, kind, use_bias):
     y, stats = model(xj, train=True, dispatch=dispatch)
     return jnp.sum(y * target) + stats["aux_loss"] + stats["z_loss"]
 
-  g_dl = nnx.state(nnx.grad(loss_fn)(layer, "dropless"), nnx.Param)
-  g_cap = nnx.state(nnx.grad(loss_fn)(layer, "capacity"), nnx.Param)
+  grad_fn = nnx.jit(nnx.grad(loss_fn), static_argnums=1)
+  g_dl = nnx.state(grad_fn(layer, "dropless"), nnx.Param)
+  g_cap = nnx.state(grad_fn(layer, "capacity"), nnx.Param)
   flat_dl = dict(jax.tree_util.tree_leaves_with_path(g_dl))
   flat_cap = dict(jax.tree_util.tree_leaves_with_path(g_cap))
   assert flat_dl.keys() == flat_cap.keys()
@@ -546,7 +625,7 @@ def test_gradients_dropless_vs_large_capacity(x_rand, kind, use_bias):
       assert np.all(per_expert > 0), path
 
 
-def test_dropless_gradient_matches_finite_difference(x_rand):
+def test_dropless_wo_gradient_matches_analytic(x_rand):
   """An independent check of the expert gradient (ragged_dot backward)."""
   w = make_weights(92, "gated", False)
   layer = build(MoEConfig(num_experts=E, top_k=2), "gated", False, w)
@@ -556,7 +635,7 @@ def test_dropless_gradient_matches_finite_difference(x_rand):
   def loss_fn(model):
     return jnp.sum(model(xj, dispatch="dropless")[0] * tj)
 
-  grads = nnx.grad(loss_fn)(layer)
+  grads = nnx.jit(nnx.grad(loss_fn))(layer)
   g = np.asarray(grads.experts.wo[...])
   # Analytic expectation in float64: d/dwo[e] = sum_s w_{s,e} h_e(x_s)^T target_s.
   tokens = x_rand.reshape(S, D).astype(np.float64)
@@ -635,10 +714,20 @@ def test_explicit_layer_list_overrides_mode():
   cfg.validate(8)
 
 
-def test_expert_intermediate_size_override(x_rand):
+def test_expert_intermediate_size_override():
+  """Experts may be narrower than the dense FFN (shape check only: the forward pass is
+  shape-generic and covered above)."""
   cfg = MoEConfig(num_experts=E, top_k=2, expert_intermediate_size=8)
-  w = make_weights(95, "gated", False, inter=8)
-  layer = build(cfg, "gated", False, w, inter=F)  # dense size F ignored
-  assert layer.experts.wo.shape == (E, 8, D)
-  y, _ = run(layer, x_rand, dispatch="dropless")
-  np.testing.assert_allclose(y, np_dropless(x_rand, w, "gated", 2), rtol=1e-5, atol=1e-5)
+  for kind in ("gated", "plain"):
+    layer = nnx.eval_shape(lambda: MoE(D, F, cfg, kind=kind, activation_name="silu",
+                                       use_bias=True, rngs=nnx.Rngs(0)))
+    assert layer.experts.wo.shape == (E, 8, D)
+    assert layer.router.kernel.shape == (D, E)
+    if kind == "plain":
+      assert layer.experts.wi.shape == (E, D, 8) and layer.experts.wi_bias.shape == (E, 8)
+    else:
+      assert layer.experts.wi_gate.shape == layer.experts.wi_up.shape == (E, D, 8)
+  dense_size = nnx.eval_shape(lambda: MoE(D, F, MoEConfig(), kind="gated",
+                                          activation_name="silu", use_bias=False,
+                                          rngs=nnx.Rngs(0)))
+  assert dense_size.experts.wo.shape == (E, F, D)

@@ -1,0 +1,81 @@
+"""Orbax checkpoints: the resumable train state of a stage, and the stage's final params.
+
+Each stage has a `CheckpointManager` under `<workdir>/stage<k>/checkpoints` holding the
+TrainState (params, optimizer state, step) and, as JSON, the data iterator's state and
+the run's counters, so a killed run resumes on the same data order. Orbax writes into a
+temporary directory and renames it when complete, so a checkpoint is either whole or
+absent. Restoring takes the target shardings, so a run may resume on another mesh.
+`<workdir>/stage<k>/final` holds the stage's parameters for the next stage (and export).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _abstract(tree: Any, shardings: Any = None) -> Any:
+  """ShapeDtypeStructs (with target shardings) that tell Orbax what to restore."""
+  if shardings is None:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class StageCheckpoints:
+  """Periodic, async, keep-N checkpoints of one stage's TrainState + JSON extras."""
+
+  def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, extras: Mapping[str, Any], *, force: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(dict(extras))),
+        force=force)
+
+  def restore(self, state_like: Any, shardings: Any = None,
+              step: Optional[int] = None) -> tuple[Any, dict]:
+    """`state_like`: arrays or ShapeDtypeStructs with the state's structure."""
+    step = self.latest_step() if step is None else step
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(state_like, shardings)),
+        extras=ocp.args.JsonRestore()))
+    return out.state, dict(out.extras)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def save_params(directory: str, params: Mapping[str, Any]) -> None:
+  """A stage's final parameters (flat dict), written atomically."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(directory), dict(params), force=True)
+  ckptr.wait_until_finished()
+
+
+def load_params(directory: str, like: Mapping[str, Any], shardings: Any = None) -> dict:
+  """Restores a flat params dict; with `shardings`, directly onto the target mesh."""
+  ckptr = ocp.StandardCheckpointer()
+  return dict(ckptr.restore(os.path.abspath(directory), _abstract(dict(like), shardings)))
+
+
+def has_params(directory: str) -> bool:
+  return os.path.isdir(directory) and os.path.exists(os.path.join(directory, "_METADATA"))
+
+
+def to_host(tree: Any) -> Any:
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

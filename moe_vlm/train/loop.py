@@ -1,0 +1,378 @@
+"""MoE-Tuning driver: runs the stages, hands parameters from stage to stage, resumes.
+
+Layout of a workdir:
+  data/                  synthetic data + tokenizer (when the config asks for them)
+  stage<k>/checkpoints/  Orbax TrainState checkpoints (+ data iterator state, counters)
+  stage<k>/final/        the stage's parameters, input of stage k+1
+  stage<k>/tb/           TensorBoard event files; stage<k>/metrics.jsonl the same as JSON
+  stage<k>/bad_samples.json   skipped samples by reason
+A stage whose `final/` exists is done and skipped; one with checkpoints resumes from
+the latest (same data order), so a killed run loses nothing past its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from moe_vlm.data import pipeline as pipeline_lib
+from moe_vlm.data import synthetic, tokenizer as tokenizer_lib
+from moe_vlm.data.llava import LlavaJsonSource
+from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
+from moe_vlm.models.params import ParamCodec
+from moe_vlm.models.vlm import VLM
+from moe_vlm.parallel import mesh as mesh_lib
+from moe_vlm.train import checkpoint as ckpt_lib
+from moe_vlm.train import stages as stages_lib
+from moe_vlm.train import step as step_lib
+from moe_vlm.train.optim import OptimConfig
+from moe_vlm.train.upcycle import upcycle, with_moe
+
+log = logging.getLogger("moe_vlm")
+
+
+class DataQualityError(RuntimeError):
+  """Too many bad samples: the data set (or its paths) is likely broken."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived; a checkpoint was saved. Rerun the same command to resume."""
+
+
+# ------------------------------------------------------------------ config -> objects
+
+
+def model_config(c: ml_collections.ConfigDict, tokenizer: Any) -> VLMConfig:
+  """The dense (stage 1-2) model config; the vocabulary comes from the tokenizer."""
+  text = dict(c.model.text)
+  if not text.get("vocab_size"):
+    text["vocab_size"] = -(-len(tokenizer) // 64) * 64  # padded: shards evenly
+  image_token = tokenizer_lib.image_token_id(tokenizer)
+  return VLMConfig(vision=VisionConfig(**dict(c.model.vision)), text=TextConfig(**text),
+                   projector=c.model.projector,
+                   vision_feature_layer=c.model.vision_feature_layer,
+                   vision_feature_select_strategy=c.model.vision_feature_select_strategy,
+                   image_token_id=image_token)
+
+
+def moe_config(c: ml_collections.ConfigDict) -> MoEConfig:
+  moe = dict(c.moe)
+  if moe.get("moe_layers_idx") is not None:
+    moe["moe_layers_idx"] = tuple(moe["moe_layers_idx"])
+  return MoEConfig(**moe)
+
+
+def stage_model_config(c: ml_collections.ConfigDict, dense: VLMConfig, k: int) -> VLMConfig:
+  return with_moe(dense, moe_config(c)) if k == 3 else dense
+
+
+def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, Any]:
+  """Data directory and tokenizer; generates the synthetic set on first use."""
+  data_dir = c.data.dir or os.path.join(workdir, "data")
+  tok_dir = c.data.tokenizer or os.path.join(data_dir, "tokenizer")
+  if c.data.kind == "synthetic":
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+      if jax.process_index() == 0:
+        log.info("generating the synthetic data set in %s", data_dir)
+        synthetic.generate(data_dir, num_images=c.data.num_images,
+                           image_size=c.data.image_size, seed=c.seed)
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+      tokenizer_lib.train_tokenizer(synthetic.corpus(data_dir), tok_dir)
+  elif c.data.kind != "llava_json":
+    raise ValueError(f"data.kind={c.data.kind!r}: expected 'synthetic' or 'llava_json'")
+  return data_dir, tokenizer_lib.load_tokenizer(tok_dir)
+
+
+def preprocess_config(c: ml_collections.ConfigDict, cfg: VLMConfig,
+                      template: str) -> pipeline_lib.PreprocessConfig:
+  return pipeline_lib.PreprocessConfig(
+      template=template, max_length=c.data.max_length,
+      num_image_tokens=cfg.num_image_tokens, image_token_id=cfg.image_token_id,
+      image_size=cfg.vision.image_size, normalization=c.data.normalization)
+
+
+def initial_params(c: ml_collections.ConfigDict, cfg: VLMConfig) -> dict[str, np.ndarray]:
+  """Stage-1 starting point: random init, overwritten by any pretrained HF parts."""
+  model = VLM(cfg, rngs=nnx.Rngs(c.seed))
+  if c.init.hf_llava:
+    from moe_vlm.convert import hf
+    model = hf.import_llava(hf.load_safetensors(c.init.hf_llava),
+                            hf.load_hf_config(c.init.hf_llava))
+  params = ckpt_lib.to_host(ParamCodec(model).flatten(model))
+  if c.init.hf_vision or c.init.hf_llm:
+    from moe_vlm.convert import hf
+    for prefix, path in (("vision.", c.init.hf_vision), ("llm.", c.init.hf_llm)):
+      if not path:
+        continue
+      part, _ = hf.import_pretrained(path)
+      for name, value in ParamCodec(part).flatten(part).items():
+        key = prefix + name
+        if key not in params or params[key].shape != value.shape:
+          raise ValueError(f"{path}: parameter {name} {tuple(value.shape)} does not fit the "
+                           f"configured model ({key}); align config.model with the checkpoint")
+        params[key] = np.asarray(value)
+  return params
+
+
+def upcycle_params(dense_params: dict, dense_cfg: VLMConfig, moe: MoEConfig,
+                   seed: int) -> dict[str, np.ndarray]:
+  codec = ParamCodec.abstract(lambda: VLM(dense_cfg, rngs=nnx.Rngs(0)))
+  model = upcycle(codec.merge(dense_params), moe, seed=seed)
+  return ckpt_lib.to_host(ParamCodec(model).flatten(model))
+
+
+# ------------------------------------------------------------------------ one stage
+
+
+@dataclasses.dataclass
+class Counters:
+  samples: int = 0
+  bad: dict = dataclasses.field(default_factory=dict)
+  truncated: int = 0
+  tokens: int = 0
+
+  def add_batch(self, batch: dict) -> None:
+    self.samples += int(batch["ok"].shape[0])
+    for reason, n in pipeline_lib.summarize_bad(batch).items():
+      if reason != "ok" and n:
+        self.bad[reason] = self.bad.get(reason, 0) + int(n)
+    self.truncated += int(np.sum(batch["truncated"]))
+    self.tokens += int(np.sum(batch["attention_mask"]))
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (TPU preemption notice) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, preemption ends the process
+      self._previous = None
+    return self
+
+  def _handle(self, *_):
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsWriter:
+  """TensorBoard events + a JSONL mirror, written by process 0 only."""
+
+  def __init__(self, directory: str):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      os.makedirs(directory, exist_ok=True)
+      self.tb = SummaryWriter(os.path.join(directory, "tb"))
+      self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.tb.close()
+      self.jsonl.close()
+
+
+def _scalars(metrics: dict, counters: Counters, rate: float) -> dict[str, float]:
+  out = {k: float(metrics[k]) for k in ("loss", "aux_loss", "z_loss", "grad_norm", "lr")}
+  out["tokens_per_s"] = rate
+  out["bad_samples"] = float(sum(counters.bad.values()))
+  if "moe/tokens_per_expert" in metrics:
+    for name in ("tokens_per_expert", "tokens_per_expert_image", "tokens_per_expert_text"):
+      load = np.asarray(metrics[f"moe/{name}"], np.float64)
+      frac = load / np.maximum(load.sum(-1, keepdims=True), 1)
+      for layer, row in enumerate(frac):
+        for e, v in enumerate(row):
+          out[f"moe/{name}/layer{layer}/expert{e}"] = float(v)
+    out["moe/dropped_fraction"] = float(np.mean(metrics["moe/dropped_fraction"]))
+  return out
+
+
+def _check_bad(counters: Counters, skipped_at_load: dict, limit: float, where: str) -> None:
+  bad = sum(counters.bad.values()) + sum(skipped_at_load.values())
+  seen = counters.samples + sum(skipped_at_load.values())
+  if seen >= 50 and bad / seen > limit:
+    raise DataQualityError(
+        f"{where}: {bad} of {seen} samples were bad ({dict(counters.bad)}, malformed at load: "
+        f"{skipped_at_load}), above data.max_bad_fraction={limit}. Check the JSON and the "
+        "image folder.")
+
+
+def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLMConfig,
+              tokenizer: Any, data_dir: str, mesh, init: Callable[[], dict],
+              *, stop_after: Optional[int] = None) -> dict[str, np.ndarray]:
+  """Trains stage k and returns its final params (host). `stop_after` ends the run after
+  that many steps without finishing the stage (tests use it to simulate a kill)."""
+  s = c.stages[f"stage{k}"]
+  stage_dir = os.path.join(workdir, f"stage{k}")
+  cfg = stage_model_config(c, dense_cfg, k)
+  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
+  final_dir = os.path.join(stage_dir, "final")
+  if ckpt_lib.has_params(final_dir):
+    log.info("stage %d already finished (%s); skipping", k, final_dir)
+    return ckpt_lib.load_params(final_dir, codec.shapes)
+
+  source = LlavaJsonSource(os.path.join(data_dir, s.data), image_root=data_dir)
+  nproc = jax.process_count()
+  if s.batch_size % nproc:
+    raise ValueError(f"stages.stage{k}.batch_size={s.batch_size} not divisible by "
+                     f"{nproc} processes")
+  steps = s.steps or max(1, s.epochs * len(source) // s.batch_size)
+  mesh_lib.check_model_fits_mesh(cfg, mesh, s.batch_size)
+  trainable = stages_lib.trainable_fn(s.train, tuple(s.extra_modules))
+  step_cfg = step_lib.StepConfig(
+      optim=OptimConfig(learning_rate=s.learning_rate, warmup_ratio=s.warmup_ratio,
+                        total_steps=steps, weight_decay=s.weight_decay, clip_norm=s.clip_norm),
+      grad_accum=s.grad_accum, aux_loss_coef=c.moe.aux_loss_coef,
+      z_loss_coef=c.moe.z_loss_coef)
+  tx = step_lib.make_optimizer(step_cfg.optim)
+  shardings = step_lib.state_shardings(codec, trainable, mesh, tx)
+  data = pipeline_lib.make_pipeline(
+      source, pipeline_lib.Preprocess(tokenizer, preprocess_config(c, cfg, s.template)),
+      batch_size=s.batch_size // nproc, seed=c.seed + k, process_index=jax.process_index(),
+      process_count=nproc, worker_count=c.data.worker_count)
+  it = iter(data)
+  ckpts = ckpt_lib.StageCheckpoints(os.path.join(stage_dir, "checkpoints"),
+                                    keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  counters = Counters()
+  if ckpts.latest_step() is not None:
+    like = jax.eval_shape(lambda: step_lib.init_state(
+        {n: jnp.zeros(v.shape, v.dtype) for n, v in codec.shapes.items()}, trainable, tx))
+    state, extras = ckpts.restore(like, shardings)
+    it.set_state(extras["data_iter"])
+    counters = Counters(**extras["counters"])
+    log.info("stage %d: resumed from step %d", k, int(state.step))
+  else:
+    state = step_lib.init_state(init(), trainable, tx, shardings)
+  log.info("stage %d: %s, %d steps, batch %d, %s", k, s.train, steps, s.batch_size,
+           stages_lib.describe(codec.names, trainable))
+
+  writer = MetricsWriter(stage_dir)
+  first = next(it)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(codec, step_cfg, tx), mesh,
+                                       shardings, first)
+  bsh = step_lib.batch_shardings(mesh, first)
+  start = int(state.step)
+  progress = _progress(steps, start, k)
+  t0, tokens0, batch = time.perf_counter(), counters.tokens, first
+  try:
+    with _SigtermFlag() as sigterm:
+      for step in range(start, steps):
+        if step > start:
+          batch = next(it)
+        counters.add_batch(batch)
+        _check_bad(counters, source.skipped, c.data.max_bad_fraction, f"stage {k}")
+        device_batch = {key: jax.make_array_from_process_local_data(bsh[key], batch[key])
+                        for key in step_lib.MODEL_INPUTS}
+        state, metrics = train_step(state, device_batch)
+        done = step + 1
+        if done % c.log_every == 0 or done == steps:
+          metrics = jax.device_get(metrics)
+          rate = (counters.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+          scalars = _scalars(metrics, counters, rate)
+          writer.write(done, scalars)
+          progress.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{rate:.0f}")
+          _write_json(os.path.join(stage_dir, "bad_samples.json"),
+                      {"samples": counters.samples, "bad": counters.bad,
+                       "malformed_at_load": source.skipped, "truncated": counters.truncated})
+          t0, tokens0 = time.perf_counter(), counters.tokens
+        progress.update(1)
+        extras = {"data_iter": it.get_state(), "counters": dataclasses.asdict(counters)}
+        if done % c.checkpoint.every_steps == 0 or sigterm.raised:
+          ckpts.save(done, state, extras, force=sigterm.raised)
+        if sigterm.raised:
+          ckpts.wait()
+          raise Preempted(f"stage {k}: SIGTERM at step {done}; checkpoint saved, rerun the "
+                          "same command to resume")
+        if stop_after is not None and done >= stop_after:
+          ckpts.wait()
+          return {}
+      ckpts.save(steps, state, {"data_iter": it.get_state(),
+                                "counters": dataclasses.asdict(counters)}, force=True)
+  finally:
+    progress.close()
+    writer.close()
+    ckpts.close()
+  params = ckpt_lib.to_host({**state.frozen, **state.params})
+  ckpt_lib.save_params(final_dir, params)
+  return params
+
+
+def _progress(total: int, initial: int, k: int):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc=f"stage {k}", unit="step",
+              disable=jax.process_index() != 0, dynamic_ncols=True)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------ all stages
+
+
+def train(c: ml_collections.ConfigDict, workdir: str, stages: Sequence[int] = (1, 2, 3),
+          *, stop_after: Optional[int] = None) -> dict[int, dict[str, np.ndarray]]:
+  """Runs the requested stages in order; each starts from the previous stage's final."""
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "config.json"), json.loads(c.to_json_best_effort()))
+  data_dir, tokenizer = prepare_data(c, workdir)
+  dense_cfg = model_config(c, tokenizer)
+  mesh = mesh_lib.make_mesh(dict(c.mesh))
+  results: dict[int, dict[str, np.ndarray]] = {}
+
+  def previous(k: int) -> dict[str, np.ndarray]:
+    if k - 1 in results:
+      return results[k - 1]
+    prev_cfg = stage_model_config(c, dense_cfg, k - 1)
+    codec = ParamCodec.abstract(lambda: VLM(prev_cfg, rngs=nnx.Rngs(0)))
+    final = os.path.join(workdir, f"stage{k - 1}", "final")
+    if not ckpt_lib.has_params(final):
+      raise FileNotFoundError(f"stage {k} starts from stage {k - 1}'s parameters, but "
+                              f"{final} does not exist: run stage {k - 1} first")
+    return ckpt_lib.load_params(final, codec.shapes)
+
+  for k in stages:
+    if k == 1:
+      init = lambda: initial_params(c, dense_cfg)
+    elif k == 2:
+      init = lambda: previous(2)
+    elif k == 3:
+      init = lambda: upcycle_params(previous(3), dense_cfg, moe_config(c), c.seed)
+    else:
+      raise ValueError(f"stage {k}: MoE-Tuning has stages 1, 2 and 3")
+    results[k] = run_stage(k, c, workdir, dense_cfg, tokenizer, data_dir, mesh, init,
+                           stop_after=stop_after)
+    if stop_after is not None:
+      break
+  return results
