@@ -47,7 +47,7 @@ def get_config():
       kind="synthetic",        # synthetic: generated into <workdir>/data when missing
       dir="",                  # LLaVA JSON files + images; default <workdir>/data
       tokenizer="",            # default <data dir>/tokenizer (trained for synthetic)
-      num_images=1500, image_size=32, max_length=96, normalization="clip",
+      num_images=1500, image_size=32, max_length=128, normalization="clip",
       worker_count=0, max_bad_fraction=0.05, eval_file="eval.json", pope_file="pope.json"))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
   c.stages = ml_collections.ConfigDict(dict(

@@ -36,7 +36,9 @@ def _train(argv: Sequence[str]) -> None:
   del argv
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("train needs --config and --workdir")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("moe_vlm").setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file at INFO
   from moe_vlm.distributed import maybe_initialize
   maybe_initialize()
   from moe_vlm.train import loop

@@ -146,7 +146,6 @@ def test_bad_meshes_raise_clear_errors():
     mesh_lib.check_model_fits_mesh(cfg, mesh_lib.make_mesh({"data": 2, "model": 4}))
   with pytest.raises(mesh_lib.MeshError, match="global batch 6"):
     mesh_lib.check_model_fits_mesh(cfg, mesh_lib.make_mesh({"data": 8}), global_batch=6)
-  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-  with pytest.raises(mesh_lib.MeshError, match=r"parameter .* not divisible"):
-    mesh_lib.param_shardings(codec.logical_axes, codec.shapes,
-                             mesh_lib.make_mesh({"fsdp": 8}))  # embed 32 ok, vocab? no: 3x
+  odd = {"llm.w": jax.ShapeDtypeStruct((36, 64), jnp.float32)}
+  with pytest.raises(mesh_lib.MeshError, match=r"parameter llm.w dim 0 \(embed=36\)"):
+    mesh_lib.param_shardings({"llm.w": ("embed", "mlp")}, odd, mesh_lib.make_mesh({"fsdp": 8}))

@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 MoEMode = Literal["sparse", "dense", "first_half", "second_half"]
 Dispatch = Literal["capacity", "dropless"]
+EPImpl = Literal["gspmd", "shard_map"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,11 @@ class MoEConfig:
   z_loss_coef: float = 0.0
   # Intermediate size of each expert; None keeps the dense FFN's size (upcycling).
   expert_intermediate_size: Optional[int] = None
+  # Expert parallelism under a mesh: "gspmd" lets the partitioner relayout tokens to
+  # experts; "shard_map" routes per device and exchanges tokens with explicit
+  # all-to-alls (moe_vlm.parallel.expert_parallel; the capacity path then needs
+  # `group_size`). Same results either way; no effect without a mesh.
+  ep_impl: EPImpl = "gspmd"
 
   def layer_indices(self, num_layers: int) -> tuple[int, ...]:
     """Which decoder layers hold an MoE FFN (MoE-LLaVA's `moe_mode` semantics)."""
@@ -85,6 +91,8 @@ class MoEConfig:
     if self.dispatch not in ("capacity", "dropless"):
       raise ConfigError(
           f"moe.dispatch={self.dispatch!r}: expected 'capacity' or 'dropless'")
+    if self.ep_impl not in ("gspmd", "shard_map"):
+      raise ConfigError(f"moe.ep_impl={self.ep_impl!r}: expected 'gspmd' or 'shard_map'")
     if self.group_size is not None and self.group_size < 1:
       raise ConfigError(f"moe.group_size={self.group_size}: expected None or >= 1")
     if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from moe_vlm.models.config import MoEConfig
 from moe_vlm.models.layers import activation, default_kernel_init, param, torch_linear_init
-from moe_vlm.parallel.mesh import constrain
+from moe_vlm.parallel.mesh import constrain, current_mesh
 
 Array = jax.Array
 
@@ -219,6 +219,14 @@ class MoE(nnx.Module):
     tokens = x.reshape(b * l, d)
     modality = (jnp.full((b * l,), TEXT, jnp.int32) if modality is None
                 else modality.reshape(b * l))
+    if cfg.ep_impl == "shard_map" and current_mesh() is not None:
+      # Imported here: expert_parallel builds on this module's functions.
+      from moe_vlm.parallel import expert_parallel
+      out = expert_parallel.moe_forward(self, x, dispatch=dispatch, train=train)
+      stats = routing_stats(out.idx, out.keep, modality, cfg.num_experts)
+      stats["aux_loss"] = out.aux_loss
+      stats["z_loss"] = out.z_loss
+      return out.y, stats
     logits = self.router(tokens)
     probs, gates, idx = top_k_gating(logits, cfg.top_k)
     if dispatch == "dropless":

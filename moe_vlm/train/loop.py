@@ -312,8 +312,9 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
         if stop_after is not None and done >= stop_after:
           ckpts.wait()
           return {}
-      ckpts.save(steps, state, {"data_iter": it.get_state(),
-                                "counters": dataclasses.asdict(counters)}, force=True)
+      if ckpts.latest_step() != steps:
+        ckpts.save(steps, state, {"data_iter": it.get_state(),
+                                  "counters": dataclasses.asdict(counters)}, force=True)
   finally:
     progress.close()
     writer.close()

@@ -1,0 +1,163 @@
+"""Held-out evaluation of trained stages and the stage-2 (dense) vs stage-3 (MoE) report.
+
+For the synthetic data set: exact-match accuracy per question type on `eval.json`,
+POPE metrics per negative-sampling category on `pope.json`, and for MoE models the
+share of image and text tokens each expert receives per MoE layer (the paper's
+routing figure as a table). Written to `<workdir>/report.json` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from moe_vlm.data import images as images_lib
+from moe_vlm.data import templates
+from moe_vlm.eval.metrics import exact_match, pope_metrics
+from moe_vlm.infer.generate import greedy_generate, left_pad
+from moe_vlm.models.config import VLMConfig
+from moe_vlm.models.params import ParamCodec
+from moe_vlm.models.vlm import VLM
+from moe_vlm.train import checkpoint as ckpt_lib
+
+
+def _records(path: str, limit: int) -> list[dict]:
+  with open(path) as f:
+    records = json.load(f)
+  return records[:limit] if limit else records
+
+
+_ROUTING_KEYS = ("layers/top1_per_expert_image", "layers/top1_per_expert_text",
+                 "layers/tokens_per_expert_image", "layers/tokens_per_expert_text")
+
+
+@nnx.jit
+def _routing_stats(model: VLM, ids, pixels, mask) -> dict:
+  _, aux = model(ids, pixels, mask, dispatch="dropless")
+  return {k: aux[k] for k in _ROUTING_KEYS}
+
+
+def answer_questions(model: VLM, records: list[dict], tokenizer: Any, cfg: VLMConfig, *,
+                     data_dir: str, template: str, normalization: str, batch_size: int,
+                     max_new_tokens: int) -> tuple[list[str], dict[str, np.ndarray]]:
+  """Greedy answers to each record's first human turn, and summed routing statistics."""
+  answers: list[str] = []
+  routing: dict[str, np.ndarray] = collections.defaultdict(lambda: 0)
+  size = cfg.vision.image_size
+  for start in range(0, len(records), batch_size):
+    chunk = records[start:start + batch_size]
+    prompts, pixels = [], []
+    for r in chunk:
+      prompts.append(templates.encode_prompt(
+          r["conversations"][:1], tokenizer, template, num_image_tokens=cfg.num_image_tokens,
+          image_token_id=cfg.image_token_id))
+      pixels.append(images_lib.load_and_transform(os.path.join(data_dir, r["image"]),
+                                                  image_size=size, normalization=normalization)
+                    if r.get("image") else np.zeros((size, size, 3), np.float32))
+    n = len(chunk)
+    pad = batch_size - n  # fixed batch shape: one compilation for every chunk
+    prompts += [prompts[-1]] * pad
+    pixels = np.stack(pixels + [pixels[-1]] * pad)
+    length = max(len(p) for p in prompts)
+    length = -(-length // 16) * 16
+    out = greedy_generate(model, prompts, pixels, pad_id=templates.pad_id(tokenizer),
+                          eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
+                          prompt_length=length)
+    answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:n]]
+    if cfg.text.moe is not None:
+      ids, mask = left_pad(prompts, templates.pad_id(tokenizer), length)
+      mask[n:] = 0  # padding rows add nothing to the statistics
+      stats = _routing_stats(model, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
+      for key, value in stats.items():
+        routing[key] = routing[key] + np.asarray(value)
+  return answers, dict(routing)
+
+
+def evaluate(model: VLM, cfg: VLMConfig, tokenizer: Any, c: ml_collections.ConfigDict,
+             data_dir: str) -> dict[str, Any]:
+  kw = dict(tokenizer=tokenizer, cfg=cfg, data_dir=data_dir, template=c.stages.stage3.template,
+            normalization=c.data.normalization, batch_size=c.eval.batch_size,
+            max_new_tokens=c.eval.max_new_tokens)
+  qa = _records(os.path.join(data_dir, c.data.eval_file), c.eval.max_examples)
+  answers, routing = answer_questions(model, qa, **kw)
+  by_type = collections.defaultdict(list)
+  for r, a in zip(qa, answers):
+    by_type[r["type"]].append(exact_match(a, r["answer"]))
+  result: dict[str, Any] = {
+      "accuracy": 100 * float(np.mean([x for v in by_type.values() for x in v])),
+      "accuracy_by_type": {k: 100 * float(np.mean(v)) for k, v in sorted(by_type.items())},
+      "examples": [{"q": r["question"], "answer": r["answer"], "prediction": a}
+                   for r, a in list(zip(qa, answers))[:8]],
+  }
+  pope = _records(os.path.join(data_dir, c.data.pope_file), c.eval.max_examples)
+  pope_answers, pope_routing = answer_questions(model, pope, **kw)
+  result["pope"] = {"all": pope_metrics(pope_answers, [r["label"] for r in pope])}
+  for cat in sorted({r["category"] for r in pope}):
+    idx = [i for i, r in enumerate(pope) if r["category"] == cat]
+    result["pope"][cat] = pope_metrics([pope_answers[i] for i in idx],
+                                       [pope[i]["label"] for i in idx])
+  if routing:
+    total = {k: routing[k] + pope_routing[k] for k in routing}
+    result["routing"] = {k.split("/")[1]: (v / np.maximum(v.sum(-1, keepdims=True), 1)).tolist()
+                         for k, v in total.items()}
+  return result
+
+
+def _load_stage(workdir: str, k: int, cfg: VLMConfig) -> VLM:
+  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
+  return codec.merge(ckpt_lib.load_params(os.path.join(workdir, f"stage{k}", "final"),
+                                          codec.shapes))
+
+
+def stage_report(c: ml_collections.ConfigDict, workdir: str) -> str:
+  """Evaluates stage 2 and stage 3 finals; writes report.json/.md; returns the markdown."""
+  from moe_vlm.train import loop
+
+  data_dir, tokenizer = loop.prepare_data(c, workdir)
+  dense = loop.model_config(c, tokenizer)
+  results = {}
+  for k in (2, 3):
+    cfg = loop.stage_model_config(c, dense, k)
+    results[f"stage{k}"] = evaluate(_load_stage(workdir, k, cfg), cfg, tokenizer, c, data_dir)
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  md = to_markdown(results, c)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(md)
+  return md
+
+
+def to_markdown(results: dict[str, Any], c: ml_collections.ConfigDict) -> str:
+  types = sorted(results["stage2"]["accuracy_by_type"])
+  lines = ["## Held-out synthetic evaluation: stage 2 (dense) vs stage 3 (MoE)", "",
+           "| model | accuracy | " + " | ".join(types) +
+           " | POPE acc | POPE F1 | POPE yes-ratio |",
+           "|---" * (len(types) + 5) + "|"]
+  for k, name in (("stage2", "stage 2 dense"),
+                  ("stage3", f"stage 3 MoE {c.moe.num_experts}x top-{c.moe.top_k}")):
+    r = results[k]
+    p = r["pope"]["all"]
+    lines.append(f"| {name} | {r['accuracy']:.1f} | " +
+                 " | ".join(f"{r['accuracy_by_type'][t]:.1f}" for t in types) +
+                 f" | {p['accuracy']:.1f} | {p['f1']:.1f} | {p['yes_ratio']:.1f} |")
+  lines += ["", "POPE by negative sampling (stage 3): " + ", ".join(
+      f"{cat} acc {m['accuracy']:.1f} / F1 {m['f1']:.1f}"
+      for cat, m in results["stage3"]["pope"].items() if cat != "all")]
+  routing = results["stage3"].get("routing")
+  if routing:
+    lines += ["", "Top-1 expert share per MoE layer (image tokens | text tokens):", "",
+              "| layer | " + " | ".join(f"e{e} img" for e in range(c.moe.num_experts)) + " | " +
+              " | ".join(f"e{e} txt" for e in range(c.moe.num_experts)) + " |",
+              "|---" * (2 * c.moe.num_experts + 1) + "|"]
+    for layer, (img, txt) in enumerate(zip(routing["top1_per_expert_image"],
+                                           routing["top1_per_expert_text"])):
+      lines.append(f"| {layer} | " + " | ".join(f"{v:.2f}" for v in img) + " | " +
+                   " | ".join(f"{v:.2f}" for v in txt) + " |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""MoE-Tuning end to end on a tiny config: stage hand-off, masks, upcycling, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import synthetic_tiny
+from moe_vlm.train import checkpoint as ckpt_lib
+from moe_vlm.train import loop
+from moe_vlm.train.stages import StageConfigError, trainable_fn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  c = synthetic_tiny.get_config()
+  c.model.vision.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+  c.model.text.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                      num_kv_heads=1)
+  c.data.update(num_images=60, max_length=128)
+  for k in (1, 2, 3):
+    c.stages[f"stage{k}"].update(steps=4, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0)
+  c.mesh.update(data=2, fsdp=2, expert=2)  # the loop runs sharded over the 8 test devices
+  c.checkpoint.update(every_steps=2, async_save=False)
+  c.log_every = 1
+  c.eval.update(batch_size=8, max_examples=8, max_new_tokens=2)
+  return c
+
+
+@pytest.fixture(scope="module")
+def three_stages(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  c = tiny_config()
+  return c, workdir, loop.train(c, workdir)
+
+
+def _load(workdir, k, like):
+  return ckpt_lib.load_params(os.path.join(workdir, f"stage{k}", "final"),
+                              {n: v for n, v in like.items()})
+
+
+def test_each_stage_trains_only_its_parameters(three_stages):
+  c, workdir, results = three_stages
+  init = loop.initial_params(c, loop.model_config(c, loop.prepare_data(c, workdir)[1]))
+  s1, s2, s3 = results[1], results[2], results[3]
+  # Stage 1: projector only.
+  for name, value in s1.items():
+    changed = not np.array_equal(value, init[name])
+    assert changed == name.startswith("projector."), name
+  # Stage 2: projector + LLM; the vision tower stays bit-identical.
+  for name, value in s2.items():
+    changed = not np.array_equal(value, s1[name])
+    if name.startswith("vision."):
+      assert not changed, name
+  assert all(not np.array_equal(s2[n], s1[n]) for n in s2 if ".attn.query.kernel" in n)
+  # Stage 3: experts + routers only; every other parameter equals stage 2's.
+  for name, value in s3.items():
+    if ".mlp.experts." in name or ".mlp.router." in name:
+      continue
+    assert np.array_equal(value, s2[name]), name
+  assert any(".mlp.experts." in n for n in s3)
+  # The stage-to-stage hand-off went through the saved checkpoints.
+  np.testing.assert_array_equal(_load(workdir, 2, s2)["llm.embed"], s2["llm.embed"])
+
+
+def test_stage3_experts_start_as_copies_of_the_stage2_ffn(three_stages):
+  c, workdir, results = three_stages
+  dense_cfg = loop.model_config(c, loop.prepare_data(c, workdir)[1])
+  start = loop.upcycle_params(results[2], dense_cfg, loop.moe_config(c), c.seed)
+  moe_layers = loop.moe_config(c).layer_indices(c.model.text.num_layers)
+  assert moe_layers == (0,)
+  for e in range(c.moe.num_experts):
+    for ours, dense in (("wi_gate", "wi_gate.kernel"), ("wi_up", "wi_up.kernel"),
+                        ("wo", "wo.kernel")):
+      np.testing.assert_array_equal(start[f"llm.layers.0.mlp.experts.{ours}"][e],
+                                    results[2][f"llm.layers.0.mlp.{dense}"])
+  # ...and stage 3 then moved them.
+  assert not np.array_equal(results[3]["llm.layers.0.mlp.experts.wo"],
+                            start["llm.layers.0.mlp.experts.wo"])
+
+
+def test_metrics_bad_sample_counts_and_report(three_stages):
+  c, workdir, _ = three_stages
+  for k in (1, 2, 3):
+    lines = [json.loads(l) for l in open(os.path.join(workdir, f"stage{k}", "metrics.jsonl"))]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    assert all(np.isfinite(l["loss"]) and l["tokens_per_s"] > 0 for l in lines)
+    assert os.listdir(os.path.join(workdir, f"stage{k}", "tb"))
+    bad = json.load(open(os.path.join(workdir, f"stage{k}", "bad_samples.json")))
+    assert bad["samples"] == 32 and bad["bad"] == {}
+  stage3 = [json.loads(l) for l in open(os.path.join(workdir, "stage3", "metrics.jsonl"))]
+  assert "moe/tokens_per_expert_image/layer0/expert0" in stage3[-1]
+  from moe_vlm.eval import report
+  md = report.stage_report(c, workdir)
+  assert "stage 3 MoE 4x top-2" in md and "POPE" in md
+  rep = json.load(open(os.path.join(workdir, "report.json")))
+  share = np.asarray(rep["stage3"]["routing"]["top1_per_expert_image"])
+  np.testing.assert_allclose(share.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_killed_run_resumes_with_the_same_losses(tmp_path):
+  c = tiny_config()
+  c.stages.stage1.steps = 6
+  full = str(tmp_path / "full")
+  loop.train(c, full, stages=(1,))
+  cut = str(tmp_path / "cut")
+  # Dies after step 3: the step-2 checkpoint survives, step 3 is lost and redone.
+  loop.train(c, cut, stages=(1,), stop_after=3)
+  assert not os.path.exists(os.path.join(cut, "stage1", "final"))
+  loop.train(c, cut, stages=(1,))
+
+  def losses(workdir):
+    by_step = {}
+    for line in open(os.path.join(workdir, "stage1", "metrics.jsonl")):
+      m = json.loads(line)
+      by_step[m["step"]] = m["loss"]  # a redone step overwrites the lost one
+    return [by_step[s] for s in sorted(by_step)]
+
+  assert len(losses(full)) == 6
+  np.testing.assert_allclose(losses(cut), losses(full), rtol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "moe_vlm", "train", "--config",
+         os.path.join(ROOT, "configs", "synthetic_tiny.py"), "--workdir", workdir,
+         "--stage", "1", "--config.data.num_images=40", "--config.log_every=1",
+         "--config.checkpoint.every_steps=1000", "--config.stages.stage1.steps=100000",
+         "--config.stages.stage1.batch_size=4", "--config.model.text.num_layers=1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  metrics = os.path.join(workdir, "stage1", "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    if proc.poll() is not None:
+      pytest.fail(proc.stdout.read().decode()[-3000:])
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0].decode()
+  assert proc.returncode == 143, out[-3000:]
+  assert "checkpoint saved" in out
+  steps = os.listdir(os.path.join(workdir, "stage1", "checkpoints"))
+  assert any(s.isdigit() and int(s) >= 1 for s in steps), steps
+
+
+def test_stage_presets_and_empty_selection():
+  names = ["vision.layers.0.mlp.wi.kernel", "projector.linear_1.kernel",
+           "llm.layers.0.mlp.experts.wo", "llm.layers.0.mlp.router.kernel",
+           "llm.layers.1.mlp.wo.kernel", "llm.layers.1.attn.query.kernel", "llm.embed"]
+  pick = lambda preset, extra=(): [n for n in names if trainable_fn(preset, extra)(n)]
+  assert pick("projector") == ["projector.linear_1.kernel"]
+  assert pick("projector_llm") == names[1:]
+  assert pick("moe_layers") == names[2:4]
+  assert pick("moe_llava_code") == names[1:5]
+  assert pick("projector", ("vision.",)) == ["projector.linear_1.kernel"]  # tower stays frozen
+  with pytest.raises(StageConfigError, match="expected one of"):
+    trainable_fn("experts_only")
