@@ -118,7 +118,7 @@ def make_train_step(codec: ParamCodec, cfg: StepConfig,
     metrics = {
         "loss": m["ce_sum"] / jnp.maximum(m["targets"], 1.0),
         "aux_loss": m["aux_loss"], "z_loss": m["z_loss"], "targets": m["targets"],
-        "grad_norm": optax.global_norm(grads), "lr": lr_at(state.step),
+        "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step),
         **{k: v for k, v in m.items() if k.startswith("moe/")},
     }
     return TrainState(state.step + 1, params, state.frozen, opt_state), metrics
