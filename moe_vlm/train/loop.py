@@ -53,17 +53,47 @@ class Preempted(RuntimeError):
 # ------------------------------------------------------------------ config -> objects
 
 
+def ensure_image_token(tokenizer: Any, vocab_size: int) -> int:
+  """Id of `<image>`, added as a special token when the tokenizer lacks it. Pretrained LLMs
+  have spare embedding rows past the tokenizer (Phi-2 51200 vs 50295 tokens, Qwen1.5
+  151936 vs 151646, StableLM-2 100352 vs 100289): the new id lands in one of them."""
+  if tokenizer_lib.IMAGE not in tokenizer.get_vocab():
+    tokenizer.add_special_tokens({"additional_special_tokens": [tokenizer_lib.IMAGE]},
+                                 replace_extra_special_tokens=False)
+  token = tokenizer_lib.image_token_id(tokenizer)
+  if token >= vocab_size:
+    raise ValueError(f"<image> got id {token}, outside the model's {vocab_size} embedding "
+                     "rows; use a model with spare rows or a larger vocab_size")
+  return token
+
+
 def model_config(c: ml_collections.ConfigDict, tokenizer: Any) -> VLMConfig:
-  """The dense (stage 1-2) model config; the vocabulary comes from the tokenizer."""
-  text = dict(c.model.text)
-  if not text.get("vocab_size"):
-    text["vocab_size"] = -(-len(tokenizer) // 64) * 64  # padded: shards evenly
-  image_token = tokenizer_lib.image_token_id(tokenizer)
-  return VLMConfig(vision=VisionConfig(**dict(c.model.vision)), text=TextConfig(**text),
-                   projector=c.model.projector,
+  """The dense (stage 1-2) model config. Parts loaded from HF checkpoints (`c.init`) take
+  their architecture from the checkpoint's config.json; otherwise `c.model` says it."""
+  from moe_vlm.convert import hf
+
+  text_cfg = dict(c.model.text)
+  if c.init.hf_llm:
+    text = hf.text_config_from_hf(hf.load_hf_config(c.init.hf_llm), text_cfg["dtype"])
+    text = dataclasses.replace(text, remat=text_cfg.get("remat", "none"))
+  else:
+    if not text_cfg.get("vocab_size"):
+      text_cfg["vocab_size"] = -(-len(tokenizer) // 64) * 64  # padded: shards evenly
+    text = TextConfig(**text_cfg)
+  if c.init.hf_vision:
+    vision = hf.vision_config_from_hf(_vision_part(hf.load_hf_config(c.init.hf_vision)),
+                                      c.model.vision.get("dtype", "float32"))
+  else:
+    vision = VisionConfig(**dict(c.model.vision))
+  return VLMConfig(vision=vision, text=text, projector=c.model.projector,
                    vision_feature_layer=c.model.vision_feature_layer,
                    vision_feature_select_strategy=c.model.vision_feature_select_strategy,
-                   image_token_id=image_token)
+                   image_token_id=ensure_image_token(tokenizer, text.vocab_size))
+
+
+def _vision_part(hf_config: Any) -> Any:
+  # CLIPModel / SiglipModel directories hold text and vision towers: take the vision one.
+  return getattr(hf_config, "vision_config", None) or hf_config
 
 
 def moe_config(c: ml_collections.ConfigDict) -> MoEConfig:
@@ -80,7 +110,7 @@ def stage_model_config(c: ml_collections.ConfigDict, dense: VLMConfig, k: int) -
 def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, Any]:
   """Data directory and tokenizer; generates the synthetic set on first use."""
   data_dir = c.data.dir or os.path.join(workdir, "data")
-  tok_dir = c.data.tokenizer or os.path.join(data_dir, "tokenizer")
+  tok_dir = c.data.tokenizer or c.init.hf_llm or os.path.join(data_dir, "tokenizer")
   if c.data.kind == "synthetic":
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
       if jax.process_index() == 0:
@@ -92,6 +122,36 @@ def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, Any]:
   elif c.data.kind != "llava_json":
     raise ValueError(f"data.kind={c.data.kind!r}: expected 'synthetic' or 'llava_json'")
   return data_dir, tokenizer_lib.load_tokenizer(tok_dir)
+
+
+class ConcatSource:
+  """Several LLaVA JSON files as one random-access source (stage 2 mixes five)."""
+
+  def __init__(self, sources: Sequence[LlavaJsonSource]):
+    self.sources = list(sources)
+    self.offsets = np.cumsum([0] + [len(x) for x in self.sources])
+    self.skipped: dict[str, int] = {}
+    for x in self.sources:
+      for reason, n in x.skipped.items():
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, index: int):
+    i = int(np.searchsorted(self.offsets, index, side="right")) - 1
+    return self.sources[i][index - int(self.offsets[i])]
+
+
+def stage_source(c: ml_collections.ConfigDict, files: str, data_dir: str):
+  """A stage's data: one or more comma-separated LLaVA JSON files under the data dir."""
+  root = c.data.get("image_root") or data_dir
+  paths = [os.path.join(data_dir, f.strip()) for f in files.split(",") if f.strip()]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"stage data files not found: {missing} (data.dir={data_dir})")
+  sources = [LlavaJsonSource(p, image_root=root) for p in paths]
+  return sources[0] if len(sources) == 1 else ConcatSource(sources)
 
 
 def preprocess_config(c: ml_collections.ConfigDict, cfg: VLMConfig,
@@ -237,7 +297,7 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
     log.info("stage %d already finished (%s); skipping", k, final_dir)
     return ckpt_lib.load_params(final_dir, codec.shapes)
 
-  source = LlavaJsonSource(os.path.join(data_dir, s.data), image_root=data_dir)
+  source = stage_source(c, s.data, data_dir)
   nproc = jax.process_count()
   if s.batch_size % nproc:
     raise ValueError(f"stages.stage{k}.batch_size={s.batch_size} not divisible by "

@@ -1,0 +1,87 @@
+"""MoE-LLaVA's released variants, trained from HF checkpoints on disk.
+
+  moe-vlm train --config configs/moe_llava.py:phi2 --workdir gs://bucket/moe-llava-phi2 \
+      --config.init.hf_vision=/ckpt/clip-vit-large-patch14-336 \
+      --config.init.hf_llm=/ckpt/phi-2 --config.data.dir=/data/moe-llava
+
+Variants (the argument after the colon): stablelm (StableLM-2-1.6B), qwen (Qwen1.5-1.8B),
+phi2 (Phi-2 2.7B), each with CLIP ViT-L/14-336 (576 image tokens), and phi2_siglip
+(Phi-2 with SigLIP-so400m-384; MoE-LLaVA drops SigLIP's token 0, so 728 tokens).
+The LLM and vision architectures come from the checkpoints' config.json; the tokenizer
+from the LLM directory. Stage settings are the paper's (MoE-LLaVA Phi-2 scripts):
+
+| stage | trains                | data                               | batch | lr   |
+| 1     | projector             | LLaVA-PT 558k, `plain` template    | 256   | 1e-3 |
+| 2     | projector + LLM       | LA-tune, LRV, LVIS, SViT, NLP      | 128   | 2e-5 |
+| 3     | experts + routers     | LLaVA-mix-665k + NLP               | 128   | 2e-5 |
+1 epoch each, warmup 3%, cosine, no weight decay, max length 2048, bf16, remat.
+MoE: 4 experts, top-2, every other layer, capacity 1.5 (eval 2.0), aux coef 0.01.
+The data file names are the MoE-LLaVA release's; override `stages.stageK.data`.
+"""
+
+import ml_collections
+
+VARIANTS = {
+    # name: (conversation template, image normalisation)
+    "stablelm": ("stablelm", "clip"),
+    "qwen": ("qwen", "clip"),
+    "phi2": ("phi", "clip"),
+    "phi2_siglip": ("phi", "siglip"),
+}
+
+STAGE2_DATA = ",".join([
+    "train_json/la_tune_256k.json", "train_json/lrv_tune_331k.json",
+    "train_json/lvis_tune_220k_.json", "train_json/svit_tune_157k.json",
+    "train_json/nlp_tune.json"])
+STAGE3_DATA = "train_json/llava_image_tune_.json,train_json/nlp_tune.json"
+
+
+def stage(train, data, template, *, batch_size, lr):
+  return ml_collections.ConfigDict(dict(
+      train=train, extra_modules=(), data=data, template=template, batch_size=batch_size,
+      steps=0, epochs=1, learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0,
+      grad_accum=1, clip_norm=1.0))
+
+
+def get_config(variant: str = "phi2"):
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/moe_llava.py:{variant}: expected one of {sorted(VARIANTS)}")
+  template, norm = VARIANTS[variant]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.variant = variant
+  # Architecture: read from the checkpoints named in `init`; these fields only set
+  # execution details (dtype, remat) and the LLaVA wiring.
+  c.model = ml_collections.ConfigDict(dict(
+      vision=dict(dtype="bfloat16"),
+      text=dict(dtype="bfloat16", remat="full"),
+      projector="mlp2x_gelu", vision_feature_layer=-2,
+      vision_feature_select_strategy="default"))
+  c.moe = ml_collections.ConfigDict(dict(
+      num_experts=4, top_k=2, moe_mode="sparse", moe_layers_idx=None, dispatch="capacity",
+      capacity_factor=1.5, eval_capacity_factor=2.0, min_capacity=0,
+      # DeepSpeed routes each GPU's micro-batch (4 sequences) on its own.
+      group_size=4, renormalize=True, aux_loss_coef=0.01, z_loss_coef=0.0))
+  c.init = ml_collections.ConfigDict(dict(
+      hf_vision="/ckpt/" + ("siglip-so400m-patch14-384" if norm == "siglip"
+                            else "clip-vit-large-patch14-336"),
+      hf_llm="/ckpt/" + {"stablelm": "stablelm-2-1_6b", "qwen": "Qwen1.5-1.8B",
+                         "phi2": "phi-2", "phi2_siglip": "phi-2"}[variant],
+      hf_llava=""))
+  c.data = ml_collections.ConfigDict(dict(
+      kind="llava_json", dir="/data/moe-llava", image_root="", tokenizer="",
+      num_images=0, image_size=0, max_length=2048, normalization=norm,
+      worker_count=16, max_bad_fraction=0.01, eval_file="", pope_file=""))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
+  c.stages = ml_collections.ConfigDict(dict(
+      stage1=stage("projector", "train_json/llava_image_.json", "plain", batch_size=256,
+                   lr=1e-3),
+      stage2=stage("projector_llm", STAGE2_DATA, template, batch_size=128, lr=2e-5),
+      # "moe_llava_code" trains what the reference code really does (all FFNs + projector).
+      stage3=stage("moe_layers", STAGE3_DATA, template, batch_size=128, lr=2e-5),
+  ))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+  c.log_every = 10
+  c.eval = ml_collections.ConfigDict(dict(batch_size=64, max_new_tokens=16, max_examples=0,
+                                          run_after_training=False))
+  return c
