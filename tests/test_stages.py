@@ -114,6 +114,8 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
   # Dies after step 3: the step-2 checkpoint survives, step 3 is lost and redone.
   loop.train(c, cut, stages=(1,), stop_after=3)
   assert not os.path.exists(os.path.join(cut, "stage1", "final"))
+  # ...and resumes on a different mesh: Orbax restores onto the new shardings.
+  c.mesh.update(data=1, fsdp=4, expert=2)
   loop.train(c, cut, stages=(1,))
 
   def losses(workdir):
@@ -124,7 +126,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     return [by_step[s] for s in sorted(by_step)]
 
   assert len(losses(full)) == 6
-  np.testing.assert_allclose(losses(cut), losses(full), rtol=1e-6)
+  np.testing.assert_allclose(losses(cut), losses(full), rtol=1e-5)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):

@@ -1,0 +1,79 @@
+"""Timing helpers shared by the benchmarks: interleaved medians, XLA FLOP counts, matmul peak.
+
+Benchmarks here run on shared machines, so every comparison is made side by side:
+the candidates are timed in rounds (A, B, C, then C, B, A, ...) and a ratio is the
+median over rounds of the per-round ratio, so a burst of noise hits both sides.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def block(x: Any) -> Any:
+  return jax.block_until_ready(x)
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], reps: int,
+                      warmup: int = 1) -> dict[str, list[float]]:
+  """Seconds per call of each thunk, measured in `reps` interleaved rounds.
+
+  The order alternates between rounds (forward, then reversed) so no candidate is
+  always first after a pause. Each call is `block_until_ready`-ed before the clock stops.
+  """
+  names = list(fns)
+  for _ in range(warmup):
+    for name in names:
+      block(fns[name]())
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for r in range(reps):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      t0 = time.perf_counter()
+      block(fns[name]())
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def median(xs) -> float:
+  return float(statistics.median(xs))
+
+
+def paired_ratio(num: list[float], den: list[float], scale: float = 1.0) -> float:
+  """Median over rounds of num[r] / (scale * den[r])."""
+  return median([a / (scale * b) for a, b in zip(num, den)])
+
+
+def xla_flops(compiled: Any) -> Optional[float]:
+  """`compiled.cost_analysis()["flops"]` (dict or list-of-dict form), or None."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001  (backends without a cost model)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def matmul_peak(n: int, reps: int, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
+  """A thunk running one jit-compiled [n, n] @ [n, n] matmul, and its FLOPs (2 n^3)."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  f = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
+  return (lambda: f(a, b)), 2.0 * n ** 3
+
+
+def fmt_time(s: float) -> str:
+  return f"{s * 1e3:9.2f} ms"
+
+
+def fmt_flops(f: Optional[float]) -> str:
+  return "n/a" if f is None else f"{f / 1e9:.3f} GFLOP"
