@@ -1,0 +1,1 @@
+"""`moe-vlm` subcommands, one module each; every module defines `main(argv)` (absl)."""
