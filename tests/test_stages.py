@@ -165,3 +165,21 @@ def test_stage_presets_and_empty_selection():
   assert pick("projector", ("vision.",)) == ["projector.linear_1.kernel"]  # tower stays frozen
   with pytest.raises(StageConfigError, match="expected one of"):
     trainable_fn("experts_only")
+
+
+def test_tfds_source_is_accepted_as_stage_data(monkeypatch, tmp_path):
+  import tensorflow_datasets as tfds
+  calls = {}
+  examples = [{"image": b"", "conversations": json.dumps([
+      {"from": "human", "value": "What is 2 plus 2?"}, {"from": "gpt", "value": "4"}])}]
+
+  def fake_data_source(name, split, data_dir):
+    calls.update(name=name, split=split, data_dir=data_dir)
+    return examples
+
+  monkeypatch.setattr(tfds, "data_source", fake_data_source)
+  c = tiny_config()
+  c.data.update(kind="tfds", dir=str(tmp_path))
+  source = loop.stage_source(c, "llava_synthetic:validation", str(tmp_path))
+  assert calls == {"name": "llava_synthetic", "split": "validation", "data_dir": str(tmp_path)}
+  assert len(source) == 1 and source[0]["conversations"][1]["value"] == "4"

@@ -119,8 +119,9 @@ def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, Any]:
                            image_size=c.data.image_size, seed=c.seed)
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
       tokenizer_lib.train_tokenizer(synthetic.corpus(data_dir), tok_dir)
-  elif c.data.kind != "llava_json":
-    raise ValueError(f"data.kind={c.data.kind!r}: expected 'synthetic' or 'llava_json'")
+  elif c.data.kind not in ("llava_json", "tfds"):
+    raise ValueError(f"data.kind={c.data.kind!r}: expected 'synthetic', 'llava_json' or "
+                     "'tfds'")
   return data_dir, tokenizer_lib.load_tokenizer(tok_dir)
 
 
@@ -144,7 +145,17 @@ class ConcatSource:
 
 
 def stage_source(c: ml_collections.ConfigDict, files: str, data_dir: str):
-  """A stage's data: one or more comma-separated LLaVA JSON files under the data dir."""
+  """A stage's data: one or more comma-separated LLaVA JSON files under the data dir, or
+  with `data.kind="tfds"` a `name:split` read through `tfds.data_source` (random access,
+  examples with an encoded `image` and a JSON `conversations` string)."""
+  if c.data.kind == "tfds":
+    import tensorflow_datasets as tfds
+    from moe_vlm.data.llava import TfdsSource
+    name, _, split = files.partition(":")
+    source = TfdsSource(tfds.data_source(name, split=split or "train",
+                                         data_dir=c.data.dir or None))
+    source.skipped = {}  # malformed TFDS examples are counted per batch instead
+    return source
   root = c.data.get("image_root") or data_dir
   paths = [os.path.join(data_dir, f.strip()) for f in files.split(",") if f.strip()]
   missing = [p for p in paths if not os.path.exists(p)]
@@ -340,6 +351,7 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
   start = int(state.step)
   progress = _progress(steps, start, k)
   t0, tokens0, batch = time.perf_counter(), counters.tokens, first
+  in_flight = None  # the previous step's loss: block on it so the host stays one step ahead
   try:
     with _SigtermFlag() as sigterm:
       for step in range(start, steps):
@@ -350,6 +362,9 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
         device_batch = {key: jax.make_array_from_process_local_data(bsh[key], batch[key])
                         for key in step_lib.MODEL_INPUTS}
         state, metrics = train_step(state, device_batch)
+        if in_flight is not None:
+          in_flight.block_until_ready()  # progress and tokens/s then measure real work
+        in_flight = metrics["loss"]
         done = step + 1
         if done % c.log_every == 0 or done == steps:
           metrics = jax.device_get(metrics)
