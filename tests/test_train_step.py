@@ -149,3 +149,17 @@ def test_bad_meshes_raise_clear_errors():
   odd = {"llm.w": jax.ShapeDtypeStruct((36, 64), jnp.float32)}
   with pytest.raises(mesh_lib.MeshError, match=r"parameter llm.w dim 0 \(embed=36\)"):
     mesh_lib.param_shardings({"llm.w": ("embed", "mlp")}, odd, mesh_lib.make_mesh({"fsdp": 8}))
+
+
+def test_bf16_compute_keeps_fp32_params_and_optimizer_state():
+  cfg, codec, params = _setup("dropless")
+  bf16 = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dtype="bfloat16"),
+                             vision=dataclasses.replace(cfg.vision, dtype="bfloat16"))
+  codec16 = ParamCodec(VLM(bf16, rngs=nnx.Rngs(0)))
+  batch = _batch(cfg)
+  _, ref = _run(codec, params, batch, (1, 1, 1, 1))
+  state, m = _run(codec16, params, batch, (2, 2, 2, 1))
+  assert all(v.dtype == np.float32 for v in state.params.values())
+  assert all(x.dtype in (np.float32, np.int32) for x in jax.tree.leaves(state.opt_state))
+  assert abs(float(m["loss"]) - float(ref["loss"])) < 0.05 * float(ref["loss"])
+  assert float(m["loss"]) != float(ref["loss"])  # the compute really ran in bf16
