@@ -11,17 +11,17 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from moe_vlm.data import images as images_lib
 from moe_vlm.data import templates
+from moe_vlm.eval import runner
 from moe_vlm.eval.metrics import exact_match, pope_metrics
-from moe_vlm.infer.generate import greedy_generate, left_pad
+from moe_vlm.infer.generate import left_pad
 from moe_vlm.models.config import VLMConfig
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
@@ -48,36 +48,23 @@ def answer_questions(model: VLM, records: list[dict], tokenizer: Any, cfg: VLMCo
                      data_dir: str, template: str, normalization: str, batch_size: int,
                      max_new_tokens: int) -> tuple[list[str], dict[str, np.ndarray]]:
   """Greedy answers to each record's first human turn, and summed routing statistics."""
-  answers: list[str] = []
+  prompts = [templates.encode_prompt(r["conversations"][:1], tokenizer, template,
+                                     num_image_tokens=cfg.num_image_tokens,
+                                     image_token_id=cfg.image_token_id) for r in records]
+  load = runner.pixels_loader(data_dir, cfg.vision.image_size, normalization)
   routing: dict[str, np.ndarray] = collections.defaultdict(lambda: 0)
-  size = cfg.vision.image_size
-  for start in range(0, len(records), batch_size):
-    chunk = records[start:start + batch_size]
-    prompts, pixels = [], []
-    for r in chunk:
-      prompts.append(templates.encode_prompt(
-          r["conversations"][:1], tokenizer, template, num_image_tokens=cfg.num_image_tokens,
-          image_token_id=cfg.image_token_id))
-      pixels.append(images_lib.load_and_transform(os.path.join(data_dir, r["image"]),
-                                                  image_size=size, normalization=normalization)
-                    if r.get("image") else np.zeros((size, size, 3), np.float32))
-    n = len(chunk)
-    pad = batch_size - n  # fixed batch shape: one compilation for every chunk
-    prompts += [prompts[-1]] * pad
-    pixels = np.stack(pixels + [pixels[-1]] * pad)
-    length = max(len(p) for p in prompts)
-    length = -(-length // 16) * 16
-    out = greedy_generate(model, prompts, pixels, pad_id=templates.pad_id(tokenizer),
-                          eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
-                          prompt_length=length)
-    answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:n]]
-    if cfg.text.moe is not None:
-      ids, mask = left_pad(prompts, templates.pad_id(tokenizer), length)
-      mask[n:] = 0  # padding rows add nothing to the statistics
-      stats = _routing_stats(model, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
-      for key, value in stats.items():
-        routing[key] = routing[key] + np.asarray(value)
-  return answers, dict(routing)
+
+  def add_routing(batch: runner.Batch) -> None:
+    ids, mask = left_pad(batch.prompts, templates.pad_id(tokenizer), batch.prompt_length)
+    mask[batch.size:] = 0  # filler rows add nothing to the statistics
+    stats = _routing_stats(model, jnp.asarray(ids), jnp.asarray(batch.pixels), jnp.asarray(mask))
+    for key, value in stats.items():
+      routing[key] = routing[key] + np.asarray(value)
+
+  tokens = runner.generate_batches(
+      model, tokenizer, prompts, lambda i: load(records[i].get("image")), batch_size=batch_size,
+      max_new_tokens=max_new_tokens, on_batch=add_routing if cfg.text.moe is not None else None)
+  return runner.decode(tokenizer, tokens), dict(routing)
 
 
 def evaluate(model: VLM, cfg: VLMConfig, tokenizer: Any, c: ml_collections.ConfigDict,
@@ -116,21 +103,35 @@ def _load_stage(workdir: str, k: int, cfg: VLMConfig) -> VLM:
                                           codec.shapes))
 
 
-def stage_report(c: ml_collections.ConfigDict, workdir: str) -> str:
-  """Evaluates stage 2 and stage 3 finals; writes report.json/.md; returns the markdown."""
+def stage_report(c: ml_collections.ConfigDict, workdir: str, *,
+                 routing_plots: Optional[bool] = None) -> str:
+  """Evaluates stage 2 and stage 3 finals; writes report.json/.md; returns the markdown.
+
+  With `routing_plots` (default: config eval.routing_plots, else on) the stage-3 routing
+  figures go to <workdir>/routing_image_text.png, routing_top1_heatmap.png and
+  routing_modality_mix.png (prompt tokens of the held-out questions).
+  """
   from moe_vlm.train import loop
 
   data_dir, tokenizer = loop.prepare_data(c, workdir)
   dense = loop.model_config(c, tokenizer)
   results = {}
+  cfgs = {}
   for k in (2, 3):
-    cfg = loop.stage_model_config(c, dense, k)
-    results[f"stage{k}"] = evaluate(_load_stage(workdir, k, cfg), cfg, tokenizer, c, data_dir)
+    cfgs[k] = loop.stage_model_config(c, dense, k)
+    results[f"stage{k}"] = evaluate(_load_stage(workdir, k, cfgs[k]), cfgs[k], tokenizer, c,
+                                    data_dir)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(results, f, indent=2)
   md = to_markdown(results, c)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(md)
+  if routing_plots is None:
+    routing_plots = c.eval.get("routing_plots", True)
+  if routing_plots and results["stage3"].get("routing"):
+    from moe_vlm.eval import routing
+    routing.write_plots(routing.shares_from_report(results["stage3"]["routing"]),
+                        cfgs[3].text.moe_layers(), workdir)
   return md
 
 

@@ -100,7 +100,11 @@ def make_train_step(codec: ParamCodec, cfg: StepConfig,
     if a == 1:
       grads, m = grad_fn(state.params, state.frozen, batch, num_targets)
     else:
-      micro = jax.tree.map(lambda x: x.reshape((a, x.shape[0] // a) + x.shape[1:]), batch)
+      # Micro-batch i takes rows i, i+a, i+2a, ...: each keeps the full batch sharding
+      # (a plain [a, B/a] reshape would spread the shards over the accumulation axis and
+      # leave every micro-step split fewer ways - 5x the memory on a v5e-16 mesh).
+      micro = jax.tree.map(
+          lambda x: x.reshape((x.shape[0] // a, a) + x.shape[1:]).swapaxes(0, 1), batch)
 
       def body(acc, mb):
         g, m = grad_fn(state.params, state.frozen, mb, num_targets)

@@ -1,0 +1,194 @@
+"""Benchmark tasks: answer a question file, score it, write LLaVA-layout outputs.
+
+  pope     accuracy / precision / recall / F1 / yes-ratio, overall and per category
+  vqa      VQA accuracy after the official answer normalisation, overall and per category
+  routing  answers only, for the routing analysis (no labels needed)
+
+Any task can also write the routing analysis of the answered samples (`routing=True`):
+the routing pass covers each prompt plus the answer the model generated, as the paper's
+figures do.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from moe_vlm.eval import metrics, questions as questions_lib, routing as routing_lib, runner
+from moe_vlm.eval.questions import Question
+from moe_vlm.infer.generate import left_pad
+from moe_vlm.infer.load import InferenceModel
+
+TASKS = ("pope", "vqa", "routing")
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def _pope_entry(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+  c = metrics.pope_confusion(predictions, labels)
+  return {**metrics.metrics_from_confusion(c), **dataclasses.asdict(c), "n": c.n}
+
+
+def score_pope(questions: Sequence[Question], answers: Sequence[str]) -> dict[str, Any]:
+  """{"overall": {...}, "categories": {name: {...}}}: each with accuracy, precision,
+  recall, f1, yes_ratio (percent) and the tp/fp/fn/tn counts."""
+  missing = [q.question_id for q in questions if q.label is None]
+  if missing:
+    raise questions_lib.QuestionFileError(
+        f"{len(missing)} POPE questions have no 'label' (first: {missing[0]!r})")
+  labels = [q.label for q in questions]
+  out = {"overall": _pope_entry(answers, labels), "categories": {}}
+  for cat in sorted({q.category for q in questions if q.category is not None}):
+    idx = [i for i, q in enumerate(questions) if q.category == cat]
+    out["categories"][cat] = _pope_entry([answers[i] for i in idx], [labels[i] for i in idx])
+  return out
+
+
+def score_vqa(questions: Sequence[Question], answers: Sequence[str], *,
+              leave_one_out: bool = True) -> dict[str, Any]:
+  """{"overall": {"accuracy", "n"}, "categories": {...}}, accuracy in percent."""
+  missing = [q.question_id for q in questions if not q.answers]
+  if missing:
+    raise questions_lib.QuestionFileError(
+        f"{len(missing)} VQA questions have no 'answer'/'answers' (first: {missing[0]!r})")
+  scores = [metrics.vqa_accuracy(a, q.answers, leave_one_out=leave_one_out)
+            for q, a in zip(questions, answers)]
+  entry = lambda s: {"accuracy": 100 * float(np.mean(s)), "n": len(s)}
+  by_cat = collections.defaultdict(list)
+  for q, s in zip(questions, scores):
+    if q.category is not None:
+      by_cat[q.category].append(s)
+  return {"overall": entry(scores), "categories": {k: entry(v) for k, v in sorted(by_cat.items())},
+          "per_question": scores}
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+  task = results["task"]
+  lines = [f"## {task.upper()}: {results['model_id']} on {os.path.basename(results['questions'])}",
+           ""]
+  rows = [("all", results["overall"])] + list(results["categories"].items())
+  if task == "pope":
+    lines += ["| split | questions | accuracy | precision | recall | F1 | yes-ratio |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['n']} | {m['accuracy']:.1f} | {m['precision']:.1f} | "
+              f"{m['recall']:.1f} | {m['f1']:.1f} | {m['yes_ratio']:.1f} |" for name, m in rows]
+  elif task == "vqa":
+    lines += [f"VQA accuracy ({results['metric']}).", "",
+              "| split | questions | accuracy |", "|---|---|---|"]
+    lines += [f"| {name} | {m['n']} | {m['accuracy']:.2f} |" for name, m in rows]
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ running
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  task: str
+  image_root: str
+  batch_size: int
+  max_new_tokens: int
+  model_id: str
+  routing: bool = False  # also write the routing analysis (MoE models)
+  plots: bool = True  # routing PNGs
+  num_path_tokens: int = 4  # per modality, in routing.json / routing_paths.png
+  leave_one_out: bool = True  # VQA accuracy: the official averaging over annotators
+
+
+def _routing_hook(counter: routing_lib.RoutingCounter, pad_id: int, max_new_tokens: int):
+  """on_batch: route each prompt followed by its generated answer."""
+  def on_batch(batch: runner.Batch) -> None:
+    seqs = []
+    for prompt, new in zip(batch.prompts, batch.new_tokens):
+      if counter.image_token_id in new:  # a stray image id would count as an image token
+        new = new[:new.index(counter.image_token_id)]
+      seqs.append(np.concatenate([prompt, np.asarray(new, np.int32)]))
+    ids, mask = left_pad(seqs, pad_id, batch.prompt_length + max_new_tokens)
+    counter.add(ids, batch.pixels, mask, rows=batch.size)
+  return on_batch
+
+
+def run(im: InferenceModel, questions: Sequence[Question], settings: Settings, out_dir: str,
+        *, questions_path: str = "", extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """Answers, scores and writes answers.jsonl, results.json, results.md (+ routing.*)."""
+  if settings.task not in TASKS:
+    raise ValueError(f"task={settings.task!r}: expected one of {TASKS}")
+  os.makedirs(out_dir, exist_ok=True)
+  counter = None
+  if settings.routing or settings.task == "routing":
+    if im.cfg.text.moe is None:
+      raise routing_lib.NoMoEError("routing analysis needs an MoE model (stage 3); this "
+                                   "stage is dense")
+    counter = routing_lib.RoutingCounter(
+        im.model, image_token_id=im.cfg.image_token_id, num_examples=settings.num_path_tokens,
+        token_text=lambda t: im.tokenizer.decode([t]))
+  hook = (_routing_hook(counter, im.pad_id, settings.max_new_tokens)
+          if counter is not None else None)
+  answers = runner.answer(im, questions, image_root=settings.image_root,
+                          batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                          on_batch=hook)
+  answers_path = os.path.join(out_dir, "answers.jsonl")
+  questions_lib.write_jsonl(answers_path,
+                            questions_lib.answer_records(questions, answers, settings.model_id))
+  results: dict[str, Any] = {"task": settings.task, "model_id": settings.model_id,
+                             "questions": questions_path, "num_questions": len(questions),
+                             "answers": answers_path, **(extra or {})}
+  if settings.task == "pope":
+    results.update(score_pope(questions, answers))
+  elif settings.task == "vqa":
+    scored = score_vqa(questions, answers, leave_one_out=settings.leave_one_out)
+    scored.pop("per_question")
+    results.update(scored, metric=("official VQA: min(#matches/3, 1) averaged over "
+                                   "leave-one-annotator-out subsets" if settings.leave_one_out
+                                   else "min(#matches/3, 1)"))
+  if counter is not None:
+    results["routing"] = routing_lib.write(counter.stats, out_dir, plots=settings.plots)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  md = results_markdown(results) if settings.task != "routing" else ""
+  if counter is not None:
+    with open(results["routing"]["markdown"]) as f:
+      md += ("\n" if md else "") + "### Routing\n\n" + f.read()
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(md)
+  return results
+
+
+def evaluate_workdir(workdir: str, *, task: str, questions_path: str, out_dir: str,
+                     config: Optional[ml_collections.ConfigDict] = None, stage: int = 3,
+                     image_root: Optional[str] = None, template: Optional[str] = None,
+                     prompt_suffix: str = "", batch_size: int = 0, max_new_tokens: int = 0,
+                     max_examples: int = 0, model_id: Optional[str] = None,
+                     routing: bool = False, plots: bool = True, path_tokens: int = 4,
+                     leave_one_out: bool = True) -> dict[str, Any]:
+  """`moe-vlm eval` as a function: loads stage `stage` of a workdir and runs `task`.
+
+  config defaults to <workdir>/config.json; image_root to the config's image folder or
+  data directory; batch_size / max_new_tokens (0) to the config's eval settings.
+  """
+  from moe_vlm.infer import load
+
+  c = load.load_config(workdir, config)
+  im = load.load(workdir, stage, c)
+  if template:
+    im = dataclasses.replace(im, template=template)
+  questions = questions_lib.load_questions(questions_path, max_examples)
+  if prompt_suffix:
+    questions = [dataclasses.replace(q, text=f"{q.text}\n{prompt_suffix}") for q in questions]
+  settings = Settings(
+      task=task,
+      image_root=(image_root or c.data.get("image_root") or c.data.dir or
+                  os.path.join(workdir, "data")),
+      batch_size=batch_size or c.eval.batch_size,
+      max_new_tokens=max_new_tokens or c.eval.max_new_tokens,
+      model_id=model_id or f"{os.path.basename(os.path.abspath(workdir))}/stage{stage}",
+      routing=routing, plots=plots, num_path_tokens=path_tokens, leave_one_out=leave_one_out)
+  return run(im, questions, settings, out_dir, questions_path=questions_path,
+             extra={"stage": stage, "workdir": workdir})
