@@ -30,7 +30,8 @@ setup(
     extras_require={
         # CPU PyTorch for parity tests and export checks (2.13.0 is on the machine's disk).
         "torch": ["torch==2.13.0", "safetensors>=0.4"],
-        "dev": ["torch==2.13.0", "safetensors>=0.4", "pytest>=8"],
+        "dev": ["torch==2.13.0", "safetensors>=0.4", "pytest>=8", "portpicker>=1.6",
+                "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
     },
     entry_points={"console_scripts": ["moe-vlm=moe_vlm.cli:main"]},
 )

@@ -16,6 +16,13 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def as_path(directory: str) -> epath.Path:
+  """Local paths made absolute; `gs://...` (and other URLs) kept as they are."""
+  directory = os.fspath(directory)
+  return epath.Path(directory if "://" in directory else os.path.abspath(directory))
 
 
 def _abstract(tree: Any, shardings: Any = None) -> Any:
@@ -30,7 +37,7 @@ class StageCheckpoints:
   """Periodic, async, keep-N checkpoints of one stage's TrainState + JSON extras."""
 
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = as_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -63,18 +70,18 @@ class StageCheckpoints:
 def save_params(directory: str, params: Mapping[str, Any]) -> None:
   """A stage's final parameters (flat dict), written atomically."""
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(directory), dict(params), force=True)
+  ckptr.save(as_path(directory), dict(params), force=True)
   ckptr.wait_until_finished()
 
 
 def load_params(directory: str, like: Mapping[str, Any], shardings: Any = None) -> dict:
   """Restores a flat params dict; with `shardings`, directly onto the target mesh."""
   ckptr = ocp.StandardCheckpointer()
-  return dict(ckptr.restore(os.path.abspath(directory), _abstract(dict(like), shardings)))
+  return dict(ckptr.restore(as_path(directory), _abstract(dict(like), shardings)))
 
 
 def has_params(directory: str) -> bool:
-  return os.path.isdir(directory) and os.path.exists(os.path.join(directory, "_METADATA"))
+  return (as_path(directory) / "_METADATA").exists()
 
 
 def to_host(tree: Any) -> Any:

@@ -112,13 +112,18 @@ def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, Any]:
   data_dir = c.data.dir or os.path.join(workdir, "data")
   tok_dir = c.data.tokenizer or c.init.hf_llm or os.path.join(data_dir, "tokenizer")
   if c.data.kind == "synthetic":
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-      if jax.process_index() == 0:
+    # Process 0 writes the data and tokenizer; the others wait for it (the data dir must
+    # be on a shared file system, or generated on each host beforehand).
+    if jax.process_index() == 0:
+      if not os.path.exists(os.path.join(data_dir, "meta.json")):
         log.info("generating the synthetic data set in %s", data_dir)
         synthetic.generate(data_dir, num_images=c.data.num_images,
                            image_size=c.data.image_size, seed=c.seed)
-    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-      tokenizer_lib.train_tokenizer(synthetic.corpus(data_dir), tok_dir)
+      if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        tokenizer_lib.train_tokenizer(synthetic.corpus(data_dir), tok_dir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("moe_vlm: synthetic data ready")
   elif c.data.kind not in ("llava_json", "tfds"):
     raise ValueError(f"data.kind={c.data.kind!r}: expected 'synthetic', 'llava_json' or "
                      "'tfds'")
@@ -239,34 +244,47 @@ class _SigtermFlag:
   def _handle(self, *_):
     self.raised = True
 
+  def agreed(self, step: int) -> bool:
+    """Whether to stop after `step`. On several hosts all must stop at the same step (the
+    checkpoint save is collective), so the flags are OR-ed across processes each step."""
+    if jax.process_count() == 1:
+      return self.raised
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray(self.raised, np.int32))
+    return bool(np.any(flags))
+
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
 
 class MetricsWriter:
-  """TensorBoard events + a JSONL mirror, written by process 0 only."""
+  """TensorBoard events + a JSONL mirror, written by process 0 only.
+
+  Object stores (gs://) cannot append, so the JSONL is rewritten whole there.
+  """
 
   def __init__(self, directory: str):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter
-      os.makedirs(directory, exist_ok=True)
-      self.tb = SummaryWriter(os.path.join(directory, "tb"))
-      self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+      path = ckpt_lib.as_path(directory)
+      path.mkdir(parents=True, exist_ok=True)
+      self.tb = SummaryWriter(str(path / "tb"))
+      self.jsonl = path / "metrics.jsonl"
+      self.lines = self.jsonl.read_text().splitlines() if self.jsonl.exists() else []
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
+    self.lines.append(json.dumps({"step": step, **scalars}))
+    self.jsonl.write_text("\n".join(self.lines) + "\n")
 
   def close(self) -> None:
     if self.enabled:
       self.tb.close()
-      self.jsonl.close()
 
 
 def _scalars(metrics: dict, counters: Counters, rate: float) -> dict[str, float]:
@@ -377,10 +395,11 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
                        "malformed_at_load": source.skipped, "truncated": counters.truncated})
           t0, tokens0 = time.perf_counter(), counters.tokens
         progress.update(1)
+        stop = sigterm.agreed(done)
         extras = {"data_iter": it.get_state(), "counters": dataclasses.asdict(counters)}
-        if done % c.checkpoint.every_steps == 0 or sigterm.raised:
-          ckpts.save(done, state, extras, force=sigterm.raised)
-        if sigterm.raised:
+        if done % c.checkpoint.every_steps == 0 or stop:
+          ckpts.save(done, state, extras, force=stop)
+        if stop:
           ckpts.wait()
           raise Preempted(f"stage {k}: SIGTERM at step {done}; checkpoint saved, rerun the "
                           "same command to resume")
@@ -406,7 +425,11 @@ def _progress(total: int, initial: int, k: int):
 
 
 def _write_json(path: str, obj: Any) -> None:
+  """Process 0 writes; local files are replaced atomically, object stores write whole."""
   if jax.process_index() != 0:
+    return
+  if "://" in path:
+    ckpt_lib.as_path(path).write_text(json.dumps(obj, indent=2))
     return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -420,7 +443,7 @@ def _write_json(path: str, obj: Any) -> None:
 def train(c: ml_collections.ConfigDict, workdir: str, stages: Sequence[int] = (1, 2, 3),
           *, stop_after: Optional[int] = None) -> dict[int, dict[str, np.ndarray]]:
   """Runs the requested stages in order; each starts from the previous stage's final."""
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.as_path(workdir).mkdir(parents=True, exist_ok=True)
   _write_json(os.path.join(workdir, "config.json"), json.loads(c.to_json_best_effort()))
   data_dir, tokenizer = prepare_data(c, workdir)
   dense_cfg = model_config(c, tokenizer)
