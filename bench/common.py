@@ -7,9 +7,11 @@ median over rounds of the per-round ratio, so a burst of noise hits both sides.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import statistics
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,23 +22,27 @@ def block(x: Any) -> Any:
   return jax.block_until_ready(x)
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], Any]], reps: int,
-                      warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
+                      per_round: Optional[Mapping[str, int]] = None) -> dict[str, list[float]]:
   """Seconds per call of each thunk, measured in `reps` interleaved rounds.
 
   The order alternates between rounds (forward, then reversed) so no candidate is
-  always first after a pause. Each call is `block_until_ready`-ed before the clock stops.
+  always first after a pause. Each call is `block_until_ready`-ed before the clock
+  stops. `per_round[name]` timed calls of `name` are made per round (default 1), for
+  short thunks measured next to long ones.
   """
   names = list(fns)
+  per_round = per_round or {}
   for _ in range(warmup):
     for name in names:
       block(fns[name]())
   times: dict[str, list[float]] = {name: [] for name in names}
   for r in range(reps):
     for name in (names if r % 2 == 0 else names[::-1]):
-      t0 = time.perf_counter()
-      block(fns[name]())
-      times[name].append(time.perf_counter() - t0)
+      for _ in range(per_round.get(name, 1)):
+        t0 = time.perf_counter()
+        block(fns[name]())
+        times[name].append(time.perf_counter() - t0)
   return times
 
 
@@ -47,6 +53,16 @@ def median(xs) -> float:
 def paired_ratio(num: list[float], den: list[float], scale: float = 1.0) -> float:
   """Median over rounds of num[r] / (scale * den[r])."""
   return median([a / (scale * b) for a, b in zip(num, den)])
+
+
+def compile_all(lowered: Sequence[Any], workers: Optional[int] = None) -> list[Any]:
+  """`.compile()` every lowered program, several at a time (XLA releases the GIL).
+
+  Tracing/lowering stays on the calling thread; only XLA compilation runs in the pool.
+  """
+  workers = workers or max(1, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(lambda low: low.compile(), lowered))
 
 
 def xla_flops(compiled: Any) -> Optional[float]:
@@ -62,7 +78,7 @@ def xla_flops(compiled: Any) -> Optional[float]:
   return float(cost["flops"])
 
 
-def matmul_peak(n: int, reps: int, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
+def matmul_peak(n: int, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
   """A thunk running one jit-compiled [n, n] @ [n, n] matmul, and its FLOPs (2 n^3)."""
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((n, n)), dtype)

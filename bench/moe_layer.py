@@ -17,7 +17,8 @@ above 1x can be told apart into "XLA executes more FLOPs" and "the FLOPs run slo
 
 Part 2 builds a small VLM train step (CLIP-style ViT, Qwen2-style MoE decoder, vision
 frozen, AdamW), counts its model FLOPs with the formula in `train_step_flops`, checks
-it against XLA's `cost_analysis()`, and reports MFU against a measured fp32 matmul peak.
+it against XLA's `cost_analysis()`, and reports MFU against a measured matmul peak of
+the same dtype (fp32 by default; `--dtype bfloat16` for accelerators).
 
 `--tiny` shrinks every shape so the whole run takes seconds (used by tests/test_bench.py).
 Benchmarks print figures; they assert nothing about speed.
@@ -38,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.common import (fmt_flops, fmt_time, interleaved_times, matmul_peak, median,
-                          paired_ratio, xla_flops)
+from bench.common import (compile_all, fmt_flops, fmt_time, interleaved_times, matmul_peak,
+                          median, paired_ratio, xla_flops)
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
 from moe_vlm.models.layers import MLP
 from moe_vlm.models.moe import MoE
@@ -75,6 +76,8 @@ class Sizes:
   matmul_n: int
   reps: int
   step_reps: int
+  # compute dtype of activations and matmuls (parameters stay fp32, the router fp32)
+  dtype: str = "float32"
 
 
 FULL = Sizes(hidden=512, ffn=1408, experts=4, top_k=2, batch=8, seq=256,
@@ -111,17 +114,30 @@ class IdentityExperts(nnx.Module):
 
 @dataclasses.dataclass
 class Candidate:
+  """One module's forward and fwd+bwd programs: lowered first, compiled in a batch."""
   name: str
-  fwd: Callable[[], Any]
-  fwd_bwd: Callable[[], Any]
-  flops_fwd: Optional[float]
-  flops_fwd_bwd: Optional[float]
-  compile_s: float
+  lowered: list[Any]                 # [forward, fwd+bwd]
+  args: list[tuple[Any, ...]]
+  fwd: Optional[Callable[[], Any]] = None
+  fwd_bwd: Optional[Callable[[], Any]] = None
+  flops_fwd: Optional[float] = None
+  flops_fwd_bwd: Optional[float] = None
+
+  def set_compiled(self, compiled: Sequence[Any]) -> None:
+    (f, g), (fa, ga) = compiled, self.args
+    self.fwd, self.fwd_bwd = (lambda: f(*fa)), (lambda: g(*ga))
+    self.flops_fwd, self.flops_fwd_bwd = xla_flops(f), xla_flops(g)
 
 
 def _candidate(name: str, module: nnx.Module, call: Callable[[nnx.Module, jax.Array], jax.Array],
-               x: jax.Array, ct: jax.Array) -> Candidate:
-  """Compiled forward and fwd+bwd (grad w.r.t. params of sum(y * ct)) of one module."""
+               x: jax.Array, ct: jax.Array, input_grad: bool = False) -> Candidate:
+  """Lowered forward, and fwd+bwd: value and grad w.r.t. the params (and x with
+  `input_grad`) of sum(y * ct).
+
+  The value is returned with the gradient so y itself is computed, as in training
+  where the next layer consumes it (with `jax.grad` alone XLA drops the dense FFN's
+  last matmul: the loss is linear in y, so dL/dy = ct needs no y).
+  """
   codec = ParamCodec(module)
   params = codec.flatten(module)
 
@@ -131,12 +147,9 @@ def _candidate(name: str, module: nnx.Module, call: Callable[[nnx.Module, jax.Ar
   def loss(p, x, ct):
     return jnp.sum(fwd(p, x) * ct)
 
-  t0 = time.perf_counter()
-  f = jax.jit(fwd).lower(params, x).compile()
-  g = jax.jit(jax.grad(loss)).lower(params, x, ct).compile()
-  compile_s = time.perf_counter() - t0
-  return Candidate(name, lambda: f(params, x), lambda: g(params, x, ct), xla_flops(f),
-                   xla_flops(g), compile_s)
+  vg = jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0)
+  return Candidate(name, [jax.jit(fwd).lower(params, x), jax.jit(vg).lower(params, x, ct)],
+                   [(params, x), (params, x, ct)])
 
 
 def _moe_cfg(s: Sizes, **kw) -> MoEConfig:
@@ -145,40 +158,60 @@ def _moe_cfg(s: Sizes, **kw) -> MoEConfig:
 
 def _moe(s: Sizes, cfg: MoEConfig, seed: int = 0) -> MoE:
   return MoE(s.hidden, s.ffn, cfg, kind="gated", activation_name="silu", use_bias=False,
-             rngs=nnx.Rngs(seed))
+             rngs=nnx.Rngs(seed), dtype=s.dtype)
 
 
-def bench_layer(s: Sizes, out: Callable[[str], None]) -> dict[str, float]:
+@dataclasses.dataclass
+class LayerBench:
+  cands: list[Candidate]
+  variants: list[str]
+  overhead: dict[str, str]      # variant -> name of its identity-experts candidate
+  input_grad: bool
+
+  def lowered(self) -> list[Any]:
+    return [low for c in self.cands for low in c.lowered]
+
+  def set_compiled(self, compiled: Sequence[Any]) -> None:
+    for i, c in enumerate(self.cands):
+      c.set_compiled(compiled[2 * i:2 * i + 2])
+
+
+def prepare_layer(s: Sizes, out: Callable[[str], None], input_grad: bool = False) -> LayerBench:
   tokens = s.batch * s.seq
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((s.batch, s.seq, s.hidden)), jnp.float32)
-  ct = jnp.asarray(rng.standard_normal((s.batch, s.seq, s.hidden)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((s.batch, s.seq, s.hidden)), s.dtype)
+  ct = jnp.asarray(rng.standard_normal((s.batch, s.seq, s.hidden)), s.dtype)
   out(f"== MoE layer: tokens {s.batch}x{s.seq}={tokens}, hidden {s.hidden}, FFN {s.ffn} "
-      f"(SwiGLU), {s.experts} experts top-{s.top_k}, fp32")
+      f"(SwiGLU), {s.experts} experts top-{s.top_k}, {s.dtype}; fwd+bwd = value and grad of "
+      f"sum(y*ct) w.r.t. {'params and input' if input_grad else 'params'}")
 
   dense = MLP(s.hidden, s.ffn, kind="gated", activation_name="silu", use_bias=False,
-              rngs=nnx.Rngs(0))
+              rngs=nnx.Rngs(0), dtype=s.dtype)
   moe_call = lambda dispatch: (lambda m, x: m(x, train=True, dispatch=dispatch)[0])
   variants = [("moe_dropless", _moe_cfg(s, dispatch="dropless"), "dropless"),
               ("moe_capacity1.5", _moe_cfg(s, dispatch="capacity", capacity_factor=1.5),
                "capacity"),
               ("moe_capacity2.0", _moe_cfg(s, dispatch="capacity", capacity_factor=2.0),
                "capacity")]
-  cands = [_candidate("dense", dense, lambda m, x: m(x), x, ct)]
+  cands = [_candidate("dense", dense, lambda m, x: m(x), x, ct, input_grad)]
   for name, cfg, dispatch in variants:
-    cands.append(_candidate(name, _moe(s, cfg), moe_call(dispatch), x, ct))
+    cands.append(_candidate(name, _moe(s, cfg), moe_call(dispatch), x, ct, input_grad))
   overhead = {}
   for name, cfg, dispatch in variants[:2]:
     try:
       layer = _moe(s, cfg)
       layer.experts = IdentityExperts(s.experts)
-      c = _candidate(f"router+dispatch[{name}]", layer, moe_call(dispatch), x, ct)
+      c = _candidate(f"router+dispatch[{name}]", layer, moe_call(dispatch), x, ct, input_grad)
       cands.append(c)
       overhead[name] = c.name
     except Exception as e:  # noqa: BLE001  (optional figure; the layer's API may move)
       out(f"router+dispatch overhead for {name}: n/a ({type(e).__name__}: {e})")
-  out(f"compile: {sum(c.compile_s for c in cands):.1f} s for {2 * len(cands)} programs")
+  return LayerBench(cands, [v[0] for v in variants], overhead, input_grad)
 
+
+def run_layer(bench: LayerBench, s: Sizes, out: Callable[[str], None]) -> dict[str, float]:
+  cands, variants, overhead = bench.cands, bench.variants, bench.overhead
+  out("== MoE layer timings")
   thunks = {}
   for c in cands:
     thunks[(c.name, "fwd")] = c.fwd
@@ -195,16 +228,18 @@ def bench_layer(s: Sizes, out: Callable[[str], None]) -> dict[str, float]:
 
   results: dict[str, float] = {}
   out(f"ratio lines (median over {s.reps} interleaved rounds of MoE time / "
-      f"(top_k x dense time); XLA-FLOP ratio in brackets):")
-  for name, _, _ in variants:
+      f"(top_k x dense time); in brackets the ratio of the fastest samples and the "
+      f"ratio of XLA-counted FLOPs):")
+  for name in variants:
     for mode in ("fwd+bwd", "fwd"):
       r = paired_ratio(times[(name, mode)], times[("dense", mode)], s.top_k)
       results[f"{name}/{mode}"] = r
       c = by_name[name]
       mine = c.flops_fwd_bwd if mode == "fwd+bwd" else c.flops_fwd
-      flop_r = (f"  [XLA flops {mine / (s.top_k * dense_flops[mode]):.2f}x]"
+      best = min(times[(name, mode)]) / (s.top_k * min(times[("dense", mode)]))
+      flop_r = (f"; XLA flops {mine / (s.top_k * dense_flops[mode]):.2f}x"
                 if mine and dense_flops[mode] else "")
-      out(f"{name}/(top_k*dense) {mode}: {r:.2f}x{flop_r}")
+      out(f"{name}/(top_k*dense) {mode}: {r:.2f}x  [fastest/fastest {best:.2f}x{flop_r}]")
   for name, cname in overhead.items():
     for mode in ("fwd+bwd", "fwd"):
       share = paired_ratio(times[(cname, mode)], times[(name, mode)])
@@ -218,14 +253,14 @@ def bench_layer(s: Sizes, out: Callable[[str], None]) -> dict[str, float]:
 # ------------------------------------------------------------- part 2: the train step
 
 
-def vlm_config(s: Sizes) -> VLMConfig:
+def vlm_config(s: Sizes, dispatch: str = "dropless") -> VLMConfig:
   vision = VisionConfig(variant="clip", image_size=s.image_size, patch_size=s.patch_size,
                         hidden_size=s.vis_hidden, intermediate_size=s.vis_ffn,
-                        num_layers=s.vis_layers, num_heads=s.vis_heads)
+                        num_layers=s.vis_layers, num_heads=s.vis_heads, dtype=s.dtype)
   text = TextConfig(family="qwen2", vocab_size=s.vocab, hidden_size=s.hidden,
                     intermediate_size=s.ffn, num_layers=s.text_layers, num_heads=s.heads,
-                    num_kv_heads=s.kv_heads, qkv_bias=True, rope_theta=1e6,
-                    moe=_moe_cfg(s, dispatch="dropless", moe_mode="sparse"))
+                    num_kv_heads=s.kv_heads, qkv_bias=True, rope_theta=1e6, dtype=s.dtype,
+                    moe=_moe_cfg(s, dispatch=dispatch, moe_mode="sparse"))
   return VLMConfig(vision=vision, text=text, projector="mlp2x_gelu",
                    image_token_id=s.vocab - 1)
 
@@ -275,13 +310,21 @@ def train_step_flops(cfg: VLMConfig, batch: int, seq: int) -> dict[str, float]:
       2.0 * batch * (layers_run * vis_layer_w * n_pos + patch_w * v.num_patches)
       + layers_run * 4.0 * batch * n_pos * n_pos * vd)
   out["total"] = sum(out.values())
-  # What XLA:CPU is expected to execute on top: ragged_dot has no CPU kernel and is
-  # lowered densely (jax `_ragged_dot_general_impl`): every sorted row meets all E
-  # experts' weights under a mask, so each expert matmul costs E x its useful FLOPs,
-  # forward and backward alike: (E - 1) x the active-expert term extra.
-  if t.moe and t.moe.dispatch == "dropless":
-    out["cpu_extra_ragged_dot"] = (6.0 * n_moe * tokens * t.moe.top_k * expert_ffn_w
-                                   * (t.moe.num_experts - 1))
+  # What XLA executes on top of that in the expert FFNs ("executed rows" x FFN weights):
+  # - dropless: ragged_dot has no XLA:CPU kernel and is lowered densely (jax
+  #   `_ragged_dot_general_impl`): each of the k*T sorted rows meets all E experts'
+  #   weights under a mask, E x the useful FLOPs, forward and backward alike (TPU
+  #   lowers it to a grouped matmul and executes ~1 x);
+  # - capacity: every slot of the [E, C] buffers is computed, filled or not:
+  #   E * C * groups rows instead of k*T, about capacity_factor x.
+  if t.moe:
+    if t.moe.dispatch == "dropless":
+      rows = t.moe.num_experts * t.moe.top_k * tokens
+    else:
+      group = t.moe.group_size or batch
+      cap = t.moe.capacity(group * seq, train=True)
+      rows = t.moe.num_experts * cap * (batch // group)
+    out["executed_extra"] = 6.0 * n_moe * (rows - t.moe.top_k * tokens) * expert_ffn_w
   return out
 
 
@@ -310,16 +353,28 @@ class _Stepper:
     return metrics
 
 
-def bench_train_step(s: Sizes, out: Callable[[str], None]) -> dict[str, float]:
-  cfg = vlm_config(s)
+@dataclasses.dataclass
+class StepBench:
+  cfg: VLMConfig
+  dispatch: str
+  lowered: Any
+  state: Any
+  batch: dict[str, jax.Array]
+  compiled: Any = None
+
+
+def prepare_step(s: Sizes, out: Callable[[str], None], dispatch: str = "dropless") -> StepBench:
+  cfg = vlm_config(s, dispatch)
   b, l = s.batch, s.seq
   t, v = cfg.text, cfg.vision
+  moe_desc = (f"dispatch {dispatch}" if dispatch == "dropless" else
+              f"dispatch capacity (factor {t.moe.capacity_factor})")
   out(f"== Train step: ViT {v.num_layers}L d{v.hidden_size} {v.num_heads}h MLP "
       f"{v.intermediate_size}, {v.image_size}px/{v.patch_size}px -> {cfg.num_image_tokens} "
       f"image tokens (frozen); Qwen2-style {t.num_layers}L d{t.hidden_size} "
       f"{t.num_heads}q/{t.num_kv_heads}kv FFN {t.intermediate_size}, {t.moe.num_experts} "
       f"experts top-{t.moe.top_k} on layers {list(t.moe_layers())}, vocab {t.vocab_size}; "
-      f"batch {b}x{l}; fp32; dispatch {t.moe.dispatch}; AdamW; 1-device mesh")
+      f"batch {b}x{l}; {s.dtype}; {moe_desc}; AdamW; 1-device mesh")
   model = VLM(cfg, rngs=nnx.Rngs(0))
   codec = ParamCodec(model)
   params = codec.flatten(model)
@@ -336,14 +391,21 @@ def bench_train_step(s: Sizes, out: Callable[[str], None]) -> dict[str, float]:
   batch = _train_batch(cfg, b, l)
   fn = step_lib.jit_train_step(step_lib.make_train_step(codec, step_cfg, tx), mesh, shardings,
                                batch)
-  t0 = time.perf_counter()
-  compiled = fn.lower(state, batch).compile()
-  out(f"compile: {time.perf_counter() - t0:.1f} s")
-  xla = xla_flops(compiled)
-  stepper = _Stepper(compiled, state, batch)
+  return StepBench(cfg, dispatch, fn.lower(state, batch), state, batch)
 
-  mm, mm_flops = matmul_peak(s.matmul_n, s.step_reps)
-  times = interleaved_times({"step": stepper, "matmul": mm}, reps=s.step_reps, warmup=1)
+
+def run_step(bench: StepBench, s: Sizes, out: Callable[[str], None]) -> dict[str, float]:
+  cfg, dispatch, compiled = bench.cfg, bench.dispatch, bench.compiled
+  b, l = s.batch, s.seq
+  out(f"== Train step ({dispatch})")
+  xla = xla_flops(compiled)
+  stepper = _Stepper(compiled, bench.state, bench.batch)
+  bench.state = None  # donated to the step from here on
+
+  # Peak and step side by side: 3 matmuls next to every step, in alternating order.
+  mm, mm_flops = matmul_peak(s.matmul_n, jnp.dtype(s.dtype))
+  times = interleaved_times({"matmul": mm, "step": stepper}, reps=s.step_reps, warmup=1,
+                            per_round={"matmul": 3})
   t_step, t_mm = median(times["step"]), median(times["matmul"])
   peak = mm_flops / t_mm
   best_peak = mm_flops / min(times["matmul"])
@@ -352,27 +414,33 @@ def bench_train_step(s: Sizes, out: Callable[[str], None]) -> dict[str, float]:
   model_flops = f["total"]
   out("model FLOPs per step (formula, see train_step_flops):")
   for k, val in f.items():
-    if k not in ("total", "cpu_extra_ragged_dot"):
+    if k not in ("total", "executed_extra"):
       out(f"  {k:44s} {val / 1e9:10.2f} GFLOP")
   out(f"  {'total':44s} {model_flops / 1e9:10.2f} GFLOP")
   results = {"model_flops": model_flops, "step_s": t_step, "peak_flops": peak}
   if xla:
     out(f"XLA cost_analysis flops: {xla / 1e9:.2f} GFLOP; formula / XLA = "
         f"{model_flops / xla:.3f}")
-    extra = f.get("cpu_extra_ragged_dot", 0.0)
+    extra = f.get("executed_extra", 0.0)
     if extra:
-      out(f"formula + dense-lowered ragged_dot extra on CPU ({extra / 1e9:.2f} GFLOP) = "
-          f"{(model_flops + extra) / 1e9:.2f} GFLOP; that / XLA = "
+      why = ("ragged_dot lowered densely on CPU: every row x all E experts"
+             if dispatch == "dropless" else "empty capacity slots computed")
+      out(f"formula + expert FLOPs XLA executes beyond the active ones ({why}: "
+          f"{extra / 1e9:.2f} GFLOP) = {(model_flops + extra) / 1e9:.2f} GFLOP; that / XLA = "
           f"{(model_flops + extra) / xla:.3f}")
     results["xla_flops"] = xla
   out(f"step time: median {fmt_time(t_step)} over {s.step_reps} (min "
       f"{fmt_time(min(times['step']))}); {model_flops / t_step / 1e9:.2f} model GFLOP/s")
-  out(f"matmul peak ({s.matmul_n}^3 fp32, jit): median {peak / 1e9:.2f} GFLOP/s "
-      f"(best {best_peak / 1e9:.2f})")
+  out(f"matmul peak ({s.matmul_n}^3 {s.dtype}, jit, {len(times['matmul'])} samples): median "
+      f"{peak / 1e9:.2f} GFLOP/s (best {best_peak / 1e9:.2f})")
   mfu = model_flops / t_step / peak
   results["mfu"] = mfu
   if xla:
     out(f"XLA-FLOP utilisation vs measured matmul peak: {100 * xla / t_step / peak:.1f}%")
+  # On a shared machine both medians carry load noise, unevenly (a long step vs short
+  # matmuls); the best samples of each are the least disturbed estimate.
+  out(f"MFU from the best samples (fastest step vs fastest matmul): "
+      f"{100 * model_flops / min(times['step']) / best_peak:.1f}%")
   out(f"MFU vs measured matmul peak: {100 * mfu:.1f}%")
   return results
 
@@ -386,6 +454,13 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   p.add_argument("--tiny", action="store_true", help="tiny shapes: runs in seconds")
   p.add_argument("--reps", type=int, default=None, help="timed rounds for the layer part")
   p.add_argument("--step-reps", type=int, default=None, help="timed rounds for the step part")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype (parameters stay fp32); the matmul peak uses it too")
+  p.add_argument("--input-grad", action="store_true",
+                 help="layer fwd+bwd also differentiates w.r.t. the input (as in training)")
+  p.add_argument("--step-dispatch", choices=("dropless", "capacity"), default="dropless",
+                 help="MoE dispatch of the train step (capacity: factor 1.5)")
+  p.add_argument("--skip-layer", action="store_true", help="only the train-step part")
   p.add_argument("--skip-step", action="store_true", help="only the layer part")
   args = p.parse_args(argv)
   s = TINY if args.tiny else FULL
@@ -393,6 +468,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     s = dataclasses.replace(s, reps=args.reps)
   if args.step_reps:
     s = dataclasses.replace(s, step_reps=args.step_reps)
+  s = dataclasses.replace(s, dtype=args.dtype)
   dev = jax.devices()[0]
   out(f"# bench.moe_layer{' --tiny' if args.tiny else ''}: jax {jax.__version__}, "
       f"{dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s), "
@@ -402,9 +478,21 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   if os.environ.get("XLA_FLAGS"):
     out(f"# XLA_FLAGS={os.environ['XLA_FLAGS']}")
   t0 = time.perf_counter()
-  results = {"layer": bench_layer(s, out)}
-  if not args.skip_step:
-    results["step"] = bench_train_step(s, out)
+  layer = None if args.skip_layer else prepare_layer(s, out, args.input_grad)
+  step = None if args.skip_step else prepare_step(s, out, args.step_dispatch)
+  # Compile every program before timing anything, several at a time.
+  lowered = (layer.lowered() if layer else []) + ([step.lowered] if step else [])
+  t1 = time.perf_counter()
+  compiled = compile_all(lowered)
+  out(f"compile: {len(lowered)} programs in {time.perf_counter() - t1:.1f} s "
+      f"(tracing and set-up before that: {t1 - t0:.1f} s)")
+  results = {}
+  if layer:
+    layer.set_compiled(compiled[:len(layer.lowered())])
+    results["layer"] = run_layer(layer, s, out)
+  if step:
+    step.compiled, step.lowered = compiled[-1], None
+    results["step"] = run_step(step, s, out)
   out(f"# total wall time {time.perf_counter() - t0:.1f} s")
   return results
 
