@@ -291,6 +291,7 @@ def _scalars(metrics: dict, counters: Counters, rate: float) -> dict[str, float]
   out = {k: float(metrics[k]) for k in ("loss", "aux_loss", "z_loss", "grad_norm", "lr")}
   out["tokens_per_s"] = rate
   out["bad_samples"] = float(sum(counters.bad.values()))
+  out["truncated_samples"] = float(counters.truncated)
   if "moe/tokens_per_expert" in metrics:
     for name in ("tokens_per_expert", "tokens_per_expert_image", "tokens_per_expert_text"):
       load = np.asarray(metrics[f"moe/{name}"], np.float64)
@@ -370,6 +371,10 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
   progress = _progress(steps, start, k)
   t0, tokens0, batch = time.perf_counter(), counters.tokens, first
   in_flight = None  # the previous step's loss: block on it so the host stays one step ahead
+
+  def extras() -> dict:
+    return {"data_iter": it.get_state(), "counters": dataclasses.asdict(counters)}
+
   try:
     with _SigtermFlag() as sigterm:
       for step in range(start, steps):
@@ -396,9 +401,8 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
           t0, tokens0 = time.perf_counter(), counters.tokens
         progress.update(1)
         stop = sigterm.agreed(done)
-        extras = {"data_iter": it.get_state(), "counters": dataclasses.asdict(counters)}
         if done % c.checkpoint.every_steps == 0 or stop:
-          ckpts.save(done, state, extras, force=stop)
+          ckpts.save(done, state, extras(), force=stop)
         if stop:
           ckpts.wait()
           raise Preempted(f"stage {k}: SIGTERM at step {done}; checkpoint saved, rerun the "
@@ -407,8 +411,7 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
           ckpts.wait()
           return {}
       if ckpts.latest_step() != steps:
-        ckpts.save(steps, state, {"data_iter": it.get_state(),
-                                  "counters": dataclasses.asdict(counters)}, force=True)
+        ckpts.save(steps, state, extras(), force=True)
   finally:
     progress.close()
     writer.close()
