@@ -1,19 +1,208 @@
-"""Batched greedy decoding for short answers.
+"""Batched KV-cache generation for the VLM.
 
-Prompts are left-padded into one [B, P + T] buffer so every shape is static and the
-whole loop is one jit-compiled program; each step re-runs the model over the buffer
-(no KV cache), which is cheap for the few-token answers of VQA/POPE-style evaluation.
-MoE layers route dropless at inference.
+Prompts are left-padded into one [B, P] batch so every row's next token lands in the
+same cache slot and every shape is static: the whole run (prefill + decode loop) is one
+jit-compiled program.
+
+  prefill   the prompt batch, image features spliced in, writes cache slots [0, P)
+            and gives the logits of each row's last prompt token;
+  decode    a `lax.while_loop` feeding one token per row into the cache
+            [layers, B, P + max_new_tokens, kv_heads, head_dim]; it stops after
+            max_new_tokens or as soon as every row has produced a stop token.
+
+It is compiled once per batch shape and per setting that changes the program
+(max_new_tokens, greedy or not, top-p or not); stop ids, pad id, temperature and top_p
+are traced, so varying them reuses the compiled program.
+
+Positions skip left padding (a row's first real token is position 0, as in training),
+MoE layers route dropless (no token competes for capacity, so a row's answer does not
+depend on its batch neighbours), and the image placeholder id is never generated (a
+placeholder without pixels behind it would be meaningless to the model).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from moe_vlm.infer.sampling import greedy_tokens, sample_tokens
+from moe_vlm.models.config import TextConfig
+from moe_vlm.models.layers import KVCache
+from moe_vlm.models.vlm import ImageTokenError, check_image_tokens
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """How to decode."""
+
+  max_new_tokens: int = 128
+  # A row stops after emitting any of these (the stop token is kept in the output).
+  eos_ids: tuple[int, ...] = ()
+  # 0 = greedy; otherwise sample from softmax(logits / temperature) ...
+  temperature: float = 0.0
+  # ... restricted to the nucleus of this much probability mass.
+  top_p: float = 1.0
+  # Written after a row has stopped (and where the loop ended early).
+  pad_id: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "eos_ids", tuple(sorted({int(i) for i in self.eos_ids})))
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens}: expected >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature}: expected >= 0")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p}: expected 0 < top_p <= 1")
+
+  def knobs(self) -> dict[str, Array]:
+    """The traced settings. Stop ids are padded with -1 (never a token) to a multiple of
+    8, so stop sets of similar size share one compiled program."""
+    n = -(-max(len(self.eos_ids), 1) // 8) * 8
+    stop = np.full((n,), -1, np.int32)
+    stop[:len(self.eos_ids)] = self.eos_ids
+    return {"stop": jnp.asarray(stop), "pad": jnp.asarray(self.pad_id, jnp.int32),
+            "temperature": jnp.asarray(self.temperature, jnp.float32),
+            "top_p": jnp.asarray(self.top_p, jnp.float32)}
+
+
+def init_cache(cfg: TextConfig, batch: int, length: int) -> KVCache:
+  """An empty [layers, batch, length, kv_heads, head_dim] cache in the compute dtype."""
+  return KVCache.zeros((cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.dim_per_head),
+                       jnp.dtype(cfg.dtype))
+
+
+def cache_mask(attention_mask: Array, length: int) -> Array:
+  """Prompt mask [B, P] -> validity of all `length` cache slots [B, length].
+
+  Generated slots count as valid from the start: the causal mask already hides the
+  ones not written yet, and a stopped row's later tokens are never read back.
+  """
+  b, p = attention_mask.shape
+  return jnp.concatenate([attention_mask.astype(jnp.int32),
+                          jnp.ones((b, length - p), jnp.int32)], axis=1)
+
+
+def prefill(model, input_ids: Array, attention_mask: Array, pixel_values: Optional[Array],
+            cache: KVCache) -> tuple[Array, KVCache]:
+  """Runs the left-padded prompts [B, P] into an empty cache -> (logits [B, P, V], cache)."""
+  mask = cache_mask(attention_mask, cache.length)
+  logits, _, cache = model(input_ids, pixel_values, mask, dispatch="dropless", cache=cache)
+  return logits, cache
+
+
+def decode_step(model, tokens: Array, mask: Array, cache: KVCache) -> tuple[Array, KVCache]:
+  """Feeds one token per row [B] at slot cache.index -> (next-token logits [B, V], cache).
+
+  `mask` [B, T] is `cache_mask` of the prompt mask.
+  """
+  logits, _, cache = model(tokens[:, None], None, mask, dispatch="dropless", cache=cache)
+  return logits[:, 0], cache
+
+
+@nnx.jit(static_argnames=("max_new_tokens", "greedy", "nucleus", "return_logits"))
+def _generate(model, input_ids, attention_mask, pixel_values, rng, knobs, *,
+              max_new_tokens: int, greedy: bool, nucleus: bool, return_logits: bool):
+  b, p = input_ids.shape
+  n = max_new_tokens
+  cache = init_cache(model.cfg.text, b, p + n)
+  mask = cache_mask(attention_mask, p + n)
+  logits, cache = prefill(model, input_ids, attention_mask, pixel_values, cache)
+  logits = logits[:, -1]  # left padding: every row's last prompt token is at P - 1
+  stop, pad = knobs["stop"], knobs["pad"]
+
+  def pick(logits, step):
+    logits = logits.at[:, model.cfg.image_token_id].set(-jnp.inf)
+    if greedy:
+      return greedy_tokens(logits)
+    return sample_tokens(logits, jax.random.fold_in(rng, step), knobs["temperature"],
+                         knobs["top_p"] if nucleus else None)
+
+  first = pick(logits, 0)
+  tokens = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(first)
+  seen = (jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+          if return_logits else None)
+  done = jnp.isin(first, stop)
+
+  def cond(carry):
+    step, _, done, _, _ = carry
+    return (step < n) & ~jnp.all(done)
+
+  def body(carry):
+    step, tokens, done, cache, seen = carry
+    logits, cache = decode_step(model, tokens[:, step - 1], mask, cache)
+    nxt = jnp.where(done, pad, pick(logits, step))
+    tokens = tokens.at[:, step].set(nxt)
+    if seen is not None:
+      seen = seen.at[:, step].set(logits)
+    return step + 1, tokens, done | jnp.isin(nxt, stop), cache, seen
+
+  _, tokens, _, _, seen = jax.lax.while_loop(
+      cond, body, (jnp.ones((), jnp.int32), tokens, done, cache, seen))
+  return tokens, seen
+
+
+def _check_inputs(model, input_ids: np.ndarray, attention_mask: np.ndarray,
+                  pixel_values: Any) -> None:
+  """Host-side checks that would otherwise fail silently inside the compiled program."""
+  if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
+    raise ValueError(f"input_ids {input_ids.shape} and attention_mask "
+                     f"{attention_mask.shape} must both be [B, P]")
+  ends_padded = np.flatnonzero(attention_mask[:, -1] == 0)
+  if ends_padded.size:
+    raise ValueError(f"rows {ends_padded.tolist()} end with padding: prompts must be "
+                     "left-padded (see `left_pad`)")
+  cfg = model.cfg
+  check_image_tokens(input_ids, cfg.image_token_id, cfg.num_image_tokens)
+  if pixel_values is None and np.any(input_ids == cfg.image_token_id):
+    raise ImageTokenError("input_ids contain image tokens but pixel_values is None")
+
+
+def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = None,
+             config: Optional[GenerationConfig] = None, *, rng: Optional[Array] = None,
+             return_logits: bool = False, **overrides: Any):
+  """Generates up to max_new_tokens per row with a KV cache.
+
+  Args:
+    model: a `VLM`.
+    input_ids, attention_mask: [B, P] LEFT-padded prompts (image placeholders expanded).
+    pixel_values: [B, H, W, 3] row-aligned images, or None for text-only prompts.
+    config: decoding settings; keyword `overrides` replace its fields, e.g.
+      `generate(model, ids, mask, px, max_new_tokens=32, eos_ids=(2,))`.
+    rng: PRNG key for sampling (temperature > 0); fixed key -> same tokens.
+    return_logits: also return each step's raw next-token logits [B, N, V] (fp32).
+
+  Returns:
+    tokens [B, max_new_tokens] int32: a row's stop token is kept, then pad_id follows.
+    With return_logits, (tokens, logits); logits of a stopped row's later steps are
+    those of its pad continuations, and steps after an early exit are zero.
+  """
+  config = dataclasses.replace(config or GenerationConfig(), **overrides)
+  ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+  _check_inputs(model, ids, mask, pixel_values)
+  rng = jax.random.key(0) if rng is None else rng
+  pixels = None if pixel_values is None else jnp.asarray(pixel_values)
+  tokens, logits = _generate(model, jnp.asarray(ids), jnp.asarray(mask), pixels, rng,
+                             config.knobs(), max_new_tokens=config.max_new_tokens,
+                             greedy=config.temperature == 0.0, nucleus=config.top_p < 1.0,
+                             return_logits=return_logits)
+  return (tokens, logits) if return_logits else tokens
+
+
+def until_stop(tokens: Any, eos_ids: Iterable[int]) -> list[list[int]]:
+  """Each row's tokens up to (excluding) its first stop token."""
+  stop = set(int(i) for i in eos_ids)
+  out = []
+  for row in np.asarray(tokens).tolist():
+    end = next((i for i, t in enumerate(row) if t in stop), len(row))
+    out.append(row[:end])
+  return out
 
 
 def left_pad(prompts: Sequence[np.ndarray], pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,34 +217,10 @@ def left_pad(prompts: Sequence[np.ndarray], pad_id: int, length: int) -> tuple[n
   return ids, mask
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "eos_id"))
-def _greedy(model, ids, mask, pixels, *, max_new_tokens: int, eos_id: int):
-  b, p = ids.shape
-  ids = jnp.concatenate([ids, jnp.zeros((b, max_new_tokens), ids.dtype)], axis=1)
-  mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), mask.dtype)], axis=1)
-  done = jnp.zeros((b,), bool)
-
-  def body(t, carry):
-    ids, mask, done = carry
-    logits, _ = model(ids, pixels, mask, dispatch="dropless")
-    nxt = jnp.argmax(logits[:, p + t - 1], axis=-1).astype(ids.dtype)
-    nxt = jnp.where(done, eos_id, nxt)
-    ids = ids.at[:, p + t].set(nxt)
-    mask = mask.at[:, p + t].set(jnp.where(done, 0, 1))
-    return ids, mask, done | (nxt == eos_id)
-
-  ids, _, _ = jax.lax.fori_loop(0, max_new_tokens, body, (ids, mask, done))
-  return ids[:, p:]
-
-
 def greedy_generate(model, prompts: Sequence[np.ndarray], pixels: np.ndarray, *, pad_id: int,
                     eos_id: int, max_new_tokens: int, prompt_length: int) -> list[list[int]]:
   """New tokens per prompt (up to, excluding, eos). `pixels` [B, H, W, 3] row-aligned."""
   ids, mask = left_pad(prompts, pad_id, prompt_length)
-  out = np.asarray(_greedy(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels),
-                           max_new_tokens=max_new_tokens, eos_id=eos_id))
-  result = []
-  for row in out:
-    toks = list(row)
-    result.append(toks[:toks.index(eos_id)] if eos_id in toks else toks)
-  return result
+  tokens = generate(model, ids, mask, pixels, max_new_tokens=max_new_tokens,
+                    eos_ids=(eos_id,), pad_id=eos_id)
+  return until_stop(tokens, (eos_id,))

@@ -8,7 +8,8 @@ Eager sharding is off: parameters are placed by the train step's explicit shardi
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import dataclasses
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,59 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every decoder layer over T fixed slots (static decode shapes).
+
+  k, v: [layers, B, T, KV, D]; index: int32 scalar, the slot the next token goes to
+  (shared by all rows: prompts are left-padded, so every row appends at the same slot).
+  """
+
+  k: Array
+  v: Array
+  index: Array
+
+  @classmethod
+  def zeros(cls, shape: Sequence[int], dtype: jnp.dtype) -> KVCache:
+    """An empty cache of `shape` [layers, B, T, KV, D] writing from slot 0."""
+    z = jnp.zeros(tuple(shape), dtype)
+    return cls(z, z, jnp.zeros((), jnp.int32))
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
+
+  def layer(self, i: int) -> LayerCache:
+    return LayerCache(self, i)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+  """One layer's view of a KVCache: what a single Attention reads and writes.
+
+  Writes go straight into the stacked buffers (not into a per-layer copy that is put
+  back), so inside a decode loop XLA updates the carried cache in place.
+  """
+
+  cache: KVCache
+  layer: int
+
+  def write(self, k: Array, v: Array) -> LayerCache:
+    """k/v [B, L, KV, D] stored at this layer's slots index..index+L-1."""
+    start = (self.layer, 0, self.cache.index, 0, 0)
+    put = lambda buf, new: jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype),
+                                                        start)
+    return LayerCache(self.cache._replace(k=put(self.cache.k, k), v=put(self.cache.v, v)),
+                      self.layer)
+
+  @property
+  def keys(self) -> Array:
+    return self.cache.k[self.layer]
+
+  @property
+  def values(self) -> Array:
+    return self.cache.v[self.layer]
+
+
 class Attention(nnx.Module):
   """Multi-head attention with GQA and optional (partial) rotary embeddings.
 
@@ -131,16 +185,26 @@ class Attention(nnx.Module):
                      use_bias=o_bias, **kw)
 
   def __call__(self, x: Array, mask: Optional[Array],
-               rope: Optional[tuple[Array, Array]] = None) -> Array:
-    """x [B, L, D]; mask [B, L, L] bool (True = may attend) or None for full attention."""
+               rope: Optional[tuple[Array, Array]] = None,
+               cache: Optional[LayerCache] = None) -> Array | tuple[Array, LayerCache]:
+    """x [B, L, D]; mask [B, L, L] bool (True = may attend) or None for full attention.
+
+    With a `cache` (decoding), the L new keys/values are written at slots
+    `index ..` of this layer, the queries attend over all T cache slots (mask
+    [B, L, T]), and the call returns (out, updated cache).
+    """
     b, l, _ = x.shape
     q = self.query(x).reshape(b, l, self.num_heads, self.head_dim)
     k = self.key(x).reshape(b, l, self.num_kv_heads, self.head_dim)
     v = self.value(x).reshape(b, l, self.num_kv_heads, self.head_dim)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if cache is not None:
+      cache = cache.write(k, v)
+      k, v = cache.keys, cache.values
     out = dot_product_attention(q, k, v, mask)
-    return self.out(out.reshape(b, l, self.num_heads * self.head_dim))
+    out = self.out(out.reshape(b, l, self.num_heads * self.head_dim))
+    return out if cache is None else (out, cache)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:

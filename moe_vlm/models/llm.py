@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_vlm.models.config import TextConfig
-from moe_vlm.models.layers import MLP, Attention, Dense, Norm, param, rope_tables
+from moe_vlm.models.layers import (MLP, Attention, Dense, KVCache, LayerCache, Norm, param,
+                                   rope_tables)
 from moe_vlm.models.moe import MoE
 
 Array = jax.Array
@@ -52,21 +53,37 @@ class DecoderBlock(nnx.Module):
 
   def __call__(self, x: Array, mask: Array, rope: tuple[Array, Array],
                modality: Optional[Array] = None, *, train: bool = False,
-               dispatch: Optional[str] = None) -> tuple[Array, Optional[dict]]:
+               dispatch: Optional[str] = None, cache: Optional[LayerCache] = None
+               ) -> tuple[Array, Optional[dict]] | tuple[Array, Optional[dict], LayerCache]:
+    """-> (x, stats), or (x, stats, updated cache) when given this layer's `cache`."""
     h = self.input_norm(x)
-    attn = self.attn(h, mask, rope)
+    attn = self.attn(h, mask, rope, cache)
+    if cache is not None:
+      attn, cache = attn
     if self.parallel_residual:
       ffn, stats = self._ffn(h, modality, train, dispatch)
-      return x + attn + ffn, stats
-    x = x + attn
-    ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch)
-    return x + ffn, stats
+      x = x + attn + ffn
+    else:
+      x = x + attn
+      ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch)
+      x = x + ffn
+    return (x, stats) if cache is None else (x, stats, cache)
 
 
 def causal_mask(attention_mask: Array) -> Array:
   """[B, L] validity -> [B, L, L] bool: causal and only onto valid keys."""
   l = attention_mask.shape[-1]
   causal = jnp.tril(jnp.ones((l, l), dtype=bool))
+  return causal[None] & attention_mask[:, None, :].astype(bool)
+
+
+def cached_causal_mask(attention_mask: Array, index: Array, length: int) -> Array:
+  """[B, T] validity of cache slots -> [B, length, T] bool for the `length` queries
+  written at slots index..index+length-1: causal over slots, only onto valid keys.
+  Equals `causal_mask` when index is 0 and length is T."""
+  t = attention_mask.shape[-1]
+  q_slot = index + jnp.arange(length)
+  causal = jnp.arange(t)[None, :] <= q_slot[:, None]
   return causal[None] & attention_mask[:, None, :].astype(bool)
 
 
@@ -102,24 +119,38 @@ class DecoderLM(nnx.Module):
                positions: Optional[Array] = None,
                modality: Optional[Array] = None,
                train: bool = False,
-               dispatch: Optional[str] = None) -> tuple[Array, dict[str, Array]]:
+               dispatch: Optional[str] = None,
+               cache: Optional[KVCache] = None
+               ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns logits [B, L, V] (fp32) and `aux`: summed MoE losses + per-layer stats.
 
     aux["aux_loss"] is the SUM over MoE layers of the load-balancing loss (MoE-LLaVA adds
     coef * sum); per-layer statistics are stacked on a leading [num_moe_layers] axis.
+
+    With a `cache` (KV-cache decoding, k/v [layers, B, T, KV, D]) the L inputs are the
+    tokens at slots cache.index.., `attention_mask` is [B, T] over all cache slots,
+    default positions skip its padding, and the call returns (logits, aux, cache).
     """
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     b, l, _ = x.shape
     if attention_mask is None:
-      attention_mask = jnp.ones((b, l), jnp.int32)
+      attention_mask = jnp.ones((b, l if cache is None else cache.length), jnp.int32)
     if positions is None:
       positions = positions_from_mask(attention_mask)
-    mask = causal_mask(attention_mask)
+      if cache is not None:
+        positions = jax.lax.dynamic_slice_in_dim(positions, cache.index, l, axis=1)
+    mask = (causal_mask(attention_mask) if cache is None else
+            cached_causal_mask(attention_mask, cache.index, l))
     rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
     per_layer = []
     run = _rematted(self.cfg.remat, train, dispatch)
-    for block in self.layers:
-      x, stats = run(block, x, mask, rope, modality)
+    for i, block in enumerate(self.layers):
+      if cache is None:
+        x, stats = run(block, x, mask, rope, modality)
+      else:  # inference only: no remat
+        x, stats, view = block(x, mask, rope, modality, train=train, dispatch=dispatch,
+                               cache=cache.layer(i))
+        cache = view.cache
       if stats is not None:
         per_layer.append(stats)
     x = self.final_norm(x)
@@ -127,7 +158,10 @@ class DecoderLM(nnx.Module):
       logits = jnp.dot(x, self.embed[...].astype(x.dtype).T)
     else:
       logits = self.lm_head(x)
-    return logits.astype(jnp.float32), summarize_moe(per_layer)
+    if cache is None:
+      return logits.astype(jnp.float32), summarize_moe(per_layer)
+    return logits.astype(jnp.float32), summarize_moe(per_layer), cache._replace(
+        index=cache.index + l)
 
 
 _POLICIES = {

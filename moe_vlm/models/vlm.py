@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from moe_vlm.models.config import VLMConfig
+from moe_vlm.models.layers import KVCache
 from moe_vlm.models.llm import DecoderLM
 from moe_vlm.models.moe import IMAGE, PAD, TEXT
 from moe_vlm.models.projector import Projector
@@ -72,12 +73,18 @@ class VLM(nnx.Module):
 
   def __call__(self, input_ids: Array, pixel_values: Optional[Array] = None,
                attention_mask: Optional[Array] = None, *, train: bool = False,
-               dispatch: Optional[str] = None) -> tuple[Array, dict[str, Array]]:
+               dispatch: Optional[str] = None, cache: Optional[KVCache] = None
+               ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns (logits [B, L, V] fp32, aux) - aux holds the summed MoE losses and the
-    per-layer routing statistics split by modality (see `DecoderLM`)."""
+    per-layer routing statistics split by modality (see `DecoderLM`).
+
+    With a `cache` (KV-cache decoding): input_ids are the L tokens written at slots
+    cache.index.., attention_mask is [B, T] over all cache slots, and the call returns
+    (logits, aux, updated cache)."""
     cfg = self.cfg
     if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+      attention_mask = jnp.ones(input_ids.shape if cache is None else
+                                (input_ids.shape[0], cache.length), jnp.int32)
     is_image = input_ids == cfg.image_token_id
     if not isinstance(input_ids, jax.core.Tracer):
       check_image_tokens(np.asarray(input_ids), cfg.image_token_id, cfg.num_image_tokens)
@@ -86,6 +93,8 @@ class VLM(nnx.Module):
       embeds = splice_image_features(embeds, self.image_features(pixel_values), is_image)
     elif not isinstance(input_ids, jax.core.Tracer) and np.any(np.asarray(is_image)):
       raise ImageTokenError("input_ids contain image tokens but pixel_values is None")
-    modality = jnp.where(attention_mask.astype(bool), jnp.where(is_image, IMAGE, TEXT), PAD)
+    token_mask = attention_mask if cache is None else jax.lax.dynamic_slice_in_dim(
+        attention_mask, cache.index, input_ids.shape[1], axis=1)
+    modality = jnp.where(token_mask.astype(bool), jnp.where(is_image, IMAGE, TEXT), PAD)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, modality=modality,
-                    train=train, dispatch=dispatch)
+                    train=train, dispatch=dispatch, cache=cache)
