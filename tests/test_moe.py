@@ -9,6 +9,7 @@ References used here:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -731,3 +732,32 @@ def test_expert_intermediate_size_override():
                                           activation_name="silu", use_bias=False,
                                           rngs=nnx.Rngs(0)))
   assert dense_size.experts.wo.shape == (E, F, D)
+
+
+def test_gumbel_second_expert_sampling():
+  """DeepSpeed 0.9.5 top-2: top-1 by probability, second sampled with Gumbel noise;
+  gates are the noise-free probabilities; evaluation stays deterministic."""
+  from moe_vlm.models.moe import gumbel_top2_gating, top_k_gating
+  cfg = MoEConfig(num_experts=4, top_k=2, dispatch="dropless", second_expert_noise="gumbel")
+  layer = MoE(16, 32, cfg, kind="gated", activation_name="silu", use_bias=False,
+              rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 24, 16)), jnp.float32)
+  logits = layer.router(x.reshape(-1, 16))
+  probs, gates, idx = gumbel_top2_gating(logits, jax.random.key(1))
+  _, det_gates, det_idx = top_k_gating(logits, 2)
+  np.testing.assert_array_equal(idx[:, 0], det_idx[:, 0])  # top-1 unchanged
+  assert np.all(idx[:, 1] != idx[:, 0])
+  assert np.any(idx[:, 1] != det_idx[:, 1])  # the noise really moves second choices
+  np.testing.assert_allclose(gates, np.take_along_axis(np.asarray(probs), np.asarray(idx), 1))
+  # Reproducible for a key; evaluation ignores the noise entirely.
+  y1, _ = layer(x, train=True, rng=jax.random.key(1))
+  y2, _ = layer(x, train=True, rng=jax.random.key(1))
+  np.testing.assert_array_equal(y1, y2)
+  y_eval, _ = layer(x, train=False)
+  y_det, _ = MoE(16, 32, dataclasses.replace(cfg, second_expert_noise="none"), kind="gated",
+                 activation_name="silu", use_bias=False, rngs=nnx.Rngs(0))(x, train=True)
+  np.testing.assert_allclose(y_eval, y_det, atol=1e-6)
+  with pytest.raises(ValueError, match="needs an rng"):
+    layer(x, train=True)
+  with pytest.raises(ConfigError, match="top_k=2"):
+    MoEConfig(top_k=1, second_expert_noise="gumbel").validate(4)

@@ -163,3 +163,17 @@ def test_bf16_compute_keeps_fp32_params_and_optimizer_state():
   assert all(x.dtype in (np.float32, np.int32) for x in jax.tree.leaves(state.opt_state))
   assert abs(float(m["loss"]) - float(ref["loss"])) < 0.05 * float(ref["loss"])
   assert float(m["loss"]) != float(ref["loss"])  # the compute really ran in bf16
+
+
+def test_router_noise_comes_from_the_state_rng():
+  cfg = vlm_config(TEXT, MoEConfig(dispatch="dropless", second_expert_noise="gumbel"))
+  model = VLM(cfg, rngs=nnx.Rngs(0))
+  codec = ParamCodec(model)
+  params = jax.tree.map(np.asarray, codec.flatten(model))
+  tx = step_lib.make_optimizer(STEP.optim)
+  fn = jax.jit(step_lib.make_train_step(codec, STEP, tx))
+  batch = _batch(cfg)
+  runs = [fn(step_lib.init_state(params, _not_vision, tx, seed=s), batch)[1]["loss"]
+          for s in (0, 0, 1)]
+  assert runs[0] == runs[1]  # same key, same sampled second experts
+  assert runs[0] != runs[2]  # another key samples other second experts

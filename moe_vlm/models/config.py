@@ -58,6 +58,9 @@ class MoEConfig:
   # all-to-alls (moe_vlm.parallel.expert_parallel; the capacity path then needs
   # `group_size`). Same results either way; no effect without a mesh.
   ep_impl: EPImpl = "gspmd"
+  # "gumbel": in training, sample the second expert as DeepSpeed 0.9.5 does (top-2
+  # only); evaluation is always deterministic top-k.
+  second_expert_noise: Literal["none", "gumbel"] = "none"
 
   def layer_indices(self, num_layers: int) -> tuple[int, ...]:
     """Which decoder layers hold an MoE FFN (MoE-LLaVA's `moe_mode` semantics)."""
@@ -93,6 +96,12 @@ class MoEConfig:
           f"moe.dispatch={self.dispatch!r}: expected 'capacity' or 'dropless'")
     if self.ep_impl not in ("gspmd", "shard_map"):
       raise ConfigError(f"moe.ep_impl={self.ep_impl!r}: expected 'gspmd' or 'shard_map'")
+    if self.second_expert_noise not in ("none", "gumbel"):
+      raise ConfigError(f"moe.second_expert_noise={self.second_expert_noise!r}: expected "
+                        "'none' or 'gumbel'")
+    if self.second_expert_noise == "gumbel" and (self.top_k != 2 or self.ep_impl != "gspmd"):
+      raise ConfigError("moe.second_expert_noise='gumbel' needs top_k=2 and ep_impl='gspmd' "
+                        f"(got top_k={self.top_k}, ep_impl={self.ep_impl!r})")
     if self.group_size is not None and self.group_size < 1:
       raise ConfigError(f"moe.group_size={self.group_size}: expected None or >= 1")
     if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:

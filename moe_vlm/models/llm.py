@@ -46,26 +46,28 @@ class DecoderBlock(nnx.Module):
       self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **ffn_kw)
 
   def _ffn(self, x: Array, modality: Optional[Array], train: bool,
-           dispatch: Optional[str]) -> tuple[Array, Optional[dict]]:
+           dispatch: Optional[str], rng: Optional[Array]) -> tuple[Array, Optional[dict]]:
     if self.is_moe:
-      return self.mlp(x, modality, train=train, dispatch=dispatch)
+      return self.mlp(x, modality, train=train, dispatch=dispatch, rng=rng)
     return self.mlp(x), None
 
   def __call__(self, x: Array, mask: Array, rope: tuple[Array, Array],
                modality: Optional[Array] = None, *, train: bool = False,
-               dispatch: Optional[str] = None, cache: Optional[LayerCache] = None
+               dispatch: Optional[str] = None, cache: Optional[LayerCache] = None,
+               rng: Optional[Array] = None
                ) -> tuple[Array, Optional[dict]] | tuple[Array, Optional[dict], LayerCache]:
-    """-> (x, stats), or (x, stats, updated cache) when given this layer's `cache`."""
+    """-> (x, stats), or (x, stats, updated cache) when given this layer's `cache`.
+    `rng` feeds the MoE router's optional training noise."""
     h = self.input_norm(x)
     attn = self.attn(h, mask, rope, cache)
     if cache is not None:
       attn, cache = attn
     if self.parallel_residual:
-      ffn, stats = self._ffn(h, modality, train, dispatch)
+      ffn, stats = self._ffn(h, modality, train, dispatch, rng)
       x = x + attn + ffn
     else:
       x = x + attn
-      ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch)
+      ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch, rng)
       x = x + ffn
     return (x, stats) if cache is None else (x, stats, cache)
 
@@ -120,7 +122,8 @@ class DecoderLM(nnx.Module):
                modality: Optional[Array] = None,
                train: bool = False,
                dispatch: Optional[str] = None,
-               cache: Optional[KVCache] = None
+               cache: Optional[KVCache] = None,
+               rng: Optional[Array] = None
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns logits [B, L, V] (fp32) and `aux`: summed MoE losses + per-layer stats.
 
@@ -145,8 +148,9 @@ class DecoderLM(nnx.Module):
     per_layer = []
     run = _rematted(self.cfg.remat, train, dispatch)
     for i, block in enumerate(self.layers):
+      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
       if cache is None:
-        x, stats = run(block, x, mask, rope, modality)
+        x, stats = run(block, x, mask, rope, modality, layer_rng)
       else:  # inference only: no remat
         x, stats, view = block(x, mask, rope, modality, train=train, dispatch=dispatch,
                                cache=cache.layer(i))
@@ -173,8 +177,8 @@ _POLICIES = {
 
 def _rematted(policy: str, train: bool, dispatch: Optional[str]):
   """A block runner, wrapped in nnx.remat when a policy asks for recomputation."""
-  def run(block, x, mask, rope, modality):
-    return block(x, mask, rope, modality, train=train, dispatch=dispatch)
+  def run(block, x, mask, rope, modality, rng):
+    return block(x, mask, rope, modality, train=train, dispatch=dispatch, rng=rng)
   if policy == "none":
     return run
   return nnx.remat(run, policy=_POLICIES[policy])

@@ -103,6 +103,19 @@ def top_k_gating(logits: Array, k: int) -> tuple[Array, Array, Array]:
   return probs, gates, idx
 
 
+def gumbel_top2_gating(logits: Array, rng: Array) -> tuple[Array, Array, Array]:
+  """DeepSpeed 0.9.5 `top2gating`: top-1 by probability, the second expert sampled as
+  argmax(logits + Gumbel noise) over the other experts. Gate values stay the noise-free
+  softmax probabilities of the two chosen experts."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  first = jnp.argmax(probs, axis=-1)
+  noisy = logits.astype(jnp.float32) + jax.random.gumbel(rng, logits.shape, jnp.float32)
+  noisy = jnp.where(jax.nn.one_hot(first, logits.shape[-1], dtype=bool), -jnp.inf, noisy)
+  second = jnp.argmax(noisy, axis=-1)
+  idx = jnp.stack([first, second], axis=-1).astype(jnp.int32)
+  return probs, jnp.take_along_axis(probs, idx, axis=-1), idx
+
+
 def capacity_slots(expert_idx: Array, num_experts: int, capacity: int) -> tuple[Array, Array]:
   """Slot of each (token, choice) in its expert's buffer, and whether it fits.
 
@@ -208,7 +221,8 @@ class MoE(nnx.Module):
                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x: Array, modality: Optional[Array] = None, *, train: bool = False,
-               dispatch: Optional[str] = None) -> tuple[Array, dict[str, Array]]:
+               dispatch: Optional[str] = None,
+               rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
     """x [B, L, D] -> (y [B, L, D], losses and routing statistics).
 
     `dispatch` overrides the config ("dropless" at inference, for instance).
@@ -228,7 +242,12 @@ class MoE(nnx.Module):
       stats["z_loss"] = out.z_loss
       return out.y, stats
     logits = self.router(tokens)
-    probs, gates, idx = top_k_gating(logits, cfg.top_k)
+    if train and cfg.second_expert_noise == "gumbel":
+      if rng is None:
+        raise ValueError("moe.second_expert_noise='gumbel' needs an rng in training")
+      probs, gates, idx = gumbel_top2_gating(logits, rng)
+    else:  # deterministic top-k: the default, and always at evaluation
+      probs, gates, idx = top_k_gating(logits, cfg.top_k)
     if dispatch == "dropless":
       keep = jnp.ones_like(idx, dtype=bool)
       weights = combine_weights(gates, keep, cfg.renormalize)

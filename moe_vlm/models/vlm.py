@@ -73,7 +73,8 @@ class VLM(nnx.Module):
 
   def __call__(self, input_ids: Array, pixel_values: Optional[Array] = None,
                attention_mask: Optional[Array] = None, *, train: bool = False,
-               dispatch: Optional[str] = None, cache: Optional[KVCache] = None
+               dispatch: Optional[str] = None, cache: Optional[KVCache] = None,
+               rng: Optional[Array] = None
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns (logits [B, L, V] fp32, aux) - aux holds the summed MoE losses and the
     per-layer routing statistics split by modality (see `DecoderLM`).
@@ -97,4 +98,4 @@ class VLM(nnx.Module):
         attention_mask, cache.index, input_ids.shape[1], axis=1)
     modality = jnp.where(token_mask.astype(bool), jnp.where(is_image, IMAGE, TEXT), PAD)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, modality=modality,
-                    train=train, dispatch=dispatch, cache=cache)
+                    train=train, dispatch=dispatch, cache=cache, rng=rng)

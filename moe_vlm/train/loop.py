@@ -358,7 +358,7 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
     counters = Counters(**extras["counters"])
     log.info("stage %d: resumed from step %d", k, int(state.step))
   else:
-    state = step_lib.init_state(init(), trainable, tx, shardings)
+    state = step_lib.init_state(init(), trainable, tx, shardings, seed=c.seed + k)
   log.info("stage %d: %s, %d steps, batch %d, %s", k, s.train, steps, s.batch_size,
            stages_lib.describe(codec.names, trainable))
 

@@ -30,6 +30,7 @@ class TrainState(NamedTuple):
   params: Params       # trainable
   frozen: Params       # everything else
   opt_state: Any
+  rng: jax.Array       # raw uint32 key data (checkpointable); folded with the step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +74,11 @@ def _moe_metrics(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def make_loss_fn(codec: ParamCodec, cfg: StepConfig):
-  def loss_fn(params: Params, frozen: Params, batch: Batch, num_targets: jax.Array):
+  def loss_fn(params: Params, frozen: Params, batch: Batch, num_targets: jax.Array,
+              rng: jax.Array):
     model = codec.merge({**frozen, **params})
     logits, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                        train=True, dispatch=cfg.dispatch)
+                        train=True, dispatch=cfg.dispatch, rng=rng)
     ce_sum, n = token_loss(logits, batch["input_ids"], batch["loss_mask"])
     ce = ce_sum / jnp.maximum(num_targets, 1.0)
     total = ce + cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
@@ -97,8 +99,9 @@ def make_train_step(codec: ParamCodec, cfg: StepConfig,
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     batch = {k: batch[k] for k in MODEL_INPUTS}
     num_targets = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if a == 1:
-      grads, m = grad_fn(state.params, state.frozen, batch, num_targets)
+      grads, m = grad_fn(state.params, state.frozen, batch, num_targets, rng)
     else:
       # Micro-batch i takes rows i, i+a, i+2a, ...: each keeps the full batch sharding
       # (a plain [a, B/a] reshape would spread the shards over the accumulation axis and
@@ -106,14 +109,16 @@ def make_train_step(codec: ParamCodec, cfg: StepConfig,
       micro = jax.tree.map(
           lambda x: x.reshape((x.shape[0] // a, a) + x.shape[1:]).swapaxes(0, 1), batch)
 
-      def body(acc, mb):
-        g, m = grad_fn(state.params, state.frozen, mb, num_targets)
+      def body(acc, inputs):
+        i, mb = inputs
+        g, m = grad_fn(state.params, state.frozen, mb, num_targets, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, acc, (g, m)), None
 
       zeros = jax.eval_shape(lambda: grad_fn(state.params, state.frozen,
-                                             jax.tree.map(lambda x: x[0], micro), num_targets))
+                                             jax.tree.map(lambda x: x[0], micro), num_targets,
+                                             rng))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      (grads, m), _ = jax.lax.scan(body, zeros, micro)
+      (grads, m), _ = jax.lax.scan(body, zeros, (jnp.arange(a), micro))
       # Losses and routing fractions are per micro-batch means: average them; counts add.
       m = {k: (v if k in ("ce_sum", "targets") or k.startswith("moe/tokens") else v / a)
            for k, v in m.items()}
@@ -125,7 +130,7 @@ def make_train_step(codec: ParamCodec, cfg: StepConfig,
         "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step),
         **{k: v for k, v in m.items() if k.startswith("moe/")},
     }
-    return TrainState(state.step + 1, params, state.frozen, opt_state), metrics
+    return TrainState(state.step + 1, params, state.frozen, opt_state, state.rng), metrics
 
   return step
 
@@ -145,21 +150,22 @@ def state_shardings(codec: ParamCodec, trainable: Callable[[str], bool], mesh: M
   opt = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, train,
                               transform_non_params=lambda _: replicated,
                               is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  return TrainState(replicated, train, frozen, opt)
+  return TrainState(replicated, train, frozen, opt, replicated)
 
 
 def init_state(params: Params, trainable: Callable[[str], bool],
                tx: optax.GradientTransformation, shardings: Optional[TrainState] = None,
-               step: int = 0) -> TrainState:
+               step: int = 0, seed: int = 0) -> TrainState:
   """TrainState from full params, placed on the mesh when `shardings` is given."""
   train, frozen = split_params(params, trainable)
+  rng = jax.random.key_data(jax.random.key(seed))
   if shardings is None:
-    return TrainState(jnp.asarray(step, jnp.int32), train, frozen, tx.init(train))
+    return TrainState(jnp.asarray(step, jnp.int32), train, frozen, tx.init(train), rng)
   train = jax.device_put(train, shardings.params)
   frozen = jax.device_put(frozen, shardings.frozen)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(train)
   return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), train,
-                    frozen, opt_state)
+                    frozen, opt_state, jax.device_put(rng, shardings.rng))
 
 
 def batch_shardings(mesh: Mesh, batch: Batch,
