@@ -13,6 +13,10 @@ from typing import Sequence
 # command -> module under moe_vlm.commands (imported lazily: each defines its own flags)
 COMMANDS = {
     "train": "train",
+    "generate": "generate",
+    "chat": "chat",
+    "eval": "eval",
+    "convert": "convert",
 }
 
 

@@ -9,10 +9,12 @@ head), otherwise the error lists what is missing, extra or mis-shaped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -178,11 +180,121 @@ def vlm_config_from_hf(hf: Any, dtype: str = "float32") -> VLMConfig:
   if hf.projector_hidden_act != "gelu" or not _get(hf, "multimodal_projector_bias", True):
     raise ConfigError("LLaVA projector must be Linear-GELU-Linear with bias (mlp2x_gelu); "
                       f"got act={hf.projector_hidden_act!r}")
+  # LLaVA's own lm_head has no bias, whatever the text family's (Phi's) has.
+  text = dataclasses.replace(text_config_from_hf(hf.text_config, dtype), lm_head_bias=False)
   return VLMConfig(vision=vision_config_from_hf(hf.vision_config, dtype),
-                   text=text_config_from_hf(hf.text_config, dtype), projector="mlp2x_gelu",
+                   text=text, projector="mlp2x_gelu",
                    vision_feature_layer=layer,
                    vision_feature_select_strategy=hf.vision_feature_select_strategy,
                    image_token_id=hf.image_token_index)
+
+
+# ------------------------------------------------------- configs, the other way
+
+# The inverses of the three functions above: text_config_from_hf(text_config_to_hf(c))
+# describes the same computation as `c` (export relies on it; tests/test_export.py checks).
+
+
+def _require(cfg: Any, target: str, **expected: Any) -> None:
+  bad = [f"{name}={getattr(cfg, name)!r} (needs {want!r})" for name, want in expected.items()
+         if getattr(cfg, name) != want]
+  if bad:
+    raise ConfigError(f"{target} cannot express this model: " + ", ".join(bad))
+
+
+def _rope_parameters(cfg: TextConfig) -> dict[str, Any]:
+  params = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+  if cfg.partial_rotary_factor != 1.0:
+    params["partial_rotary_factor"] = float(cfg.partial_rotary_factor)
+  return params
+
+
+def text_config_to_hf(cfg: TextConfig, **extra: Any) -> Any:
+  """The transformers config of a decoder that computes what `cfg` computes.
+
+  Dense: LlamaConfig (Llama/Mistral, optional attention and MLP bias), Qwen2Config (qkv
+  bias only), PhiConfig, StableLmConfig. MoE: Qwen2MoeConfig without shared expert, for
+  the gated RMSNorm family (a Llama-style model is Qwen2-MoE with `qkv_bias=False`).
+  The lm_head bias is not a config matter (LLaVA's lm_head has none): see
+  `moe_vlm.convert.export`. `extra` (token ids) is passed to the config.
+  Raises ConfigError naming the fields the target cannot express.
+  """
+  import transformers
+
+  common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                hidden_act=cfg.activation, tie_word_embeddings=cfg.tie_embeddings,
+                rope_parameters=_rope_parameters(cfg), **extra)
+  head_dim = {} if cfg.head_dim is None else {"head_dim": cfg.head_dim}
+  gated_rms = dict(norm="rms", mlp="gated", parallel_residual=False, partial_rotary_factor=1.0)
+  if cfg.moe is not None:
+    _require(cfg, "Qwen2MoeConfig (the only transformers MoE class without token dropping "
+             "that holds MoE-LLaVA's routing)", **gated_rms, o_bias=False, mlp_bias=False)
+    moe, moe_layers = cfg.moe, set(cfg.moe_layers())
+    return transformers.Qwen2MoeConfig(
+        **common, **head_dim, rms_norm_eps=cfg.norm_eps, qkv_bias=cfg.qkv_bias,
+        # MoE exactly in `moe_layers`: every layer is sparse unless listed as MLP-only.
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(cfg.num_layers) if i not in moe_layers],
+        num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+        moe_intermediate_size=moe.expert_intermediate_size or cfg.intermediate_size,
+        shared_expert_intermediate_size=0, norm_topk_prob=moe.renormalize,
+        router_aux_loss_coef=moe.aux_loss_coef)
+  if cfg.family in ("llama", "mistral", "qwen2", "qwen2_moe"):
+    _require(cfg, "LlamaConfig / Qwen2Config", **gated_rms)
+    if cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias:
+      return transformers.Qwen2Config(**common, **head_dim, rms_norm_eps=cfg.norm_eps)
+    _require(cfg, "LlamaConfig (one attention_bias switch)", o_bias=cfg.qkv_bias)
+    return transformers.LlamaConfig(**common, **head_dim, rms_norm_eps=cfg.norm_eps,
+                                    attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  default_head = {"dim_per_head": cfg.hidden_size // cfg.num_heads}
+  if cfg.family == "phi":
+    _require(cfg, "PhiConfig", norm="layer", mlp="plain", mlp_bias=True, qkv_bias=True,
+             o_bias=True, parallel_residual=True, **default_head)
+    return transformers.PhiConfig(**common, layer_norm_eps=cfg.norm_eps, qk_layernorm=False)
+  if cfg.family == "stablelm":
+    _require(cfg, "StableLmConfig", norm="layer", mlp="gated", mlp_bias=False, o_bias=False,
+             **default_head)
+    return transformers.StableLmConfig(**common, layer_norm_eps=cfg.norm_eps,
+                                       use_qkv_bias=cfg.qkv_bias, qk_layernorm=False,
+                                       use_parallel_residual=cfg.parallel_residual)
+  raise ConfigError(f"text.family={cfg.family!r}: exportable families are llama, mistral, "
+                    "qwen2, qwen2_moe, phi, stablelm")
+
+
+def vision_config_to_hf(cfg: VisionConfig) -> Any:
+  """CLIPVisionConfig / SiglipVisionConfig (SigLIP without the attention-pool head we lack)."""
+  import transformers
+
+  kw = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            image_size=cfg.image_size, patch_size=cfg.patch_size,
+            num_channels=cfg.num_channels, layer_norm_eps=cfg.norm_eps,
+            hidden_act=cfg.activation)
+  if cfg.variant == "clip":
+    return transformers.CLIPVisionConfig(**kw)
+  if cfg.variant == "siglip":
+    return transformers.SiglipVisionConfig(**kw, vision_use_head=False)
+  raise ConfigError(f"vision.variant={cfg.variant!r}: expected 'clip' or 'siglip'")
+
+
+def vlm_config_to_hf(cfg: VLMConfig, **text_extra: Any) -> Any:
+  """LlavaConfig; its text config per `text_config_to_hf` (Qwen2MoeConfig for MoE)."""
+  import transformers
+
+  if cfg.projector != "mlp2x_gelu":
+    raise ConfigError(f"projector={cfg.projector!r}: LLaVA's projector is Linear-GELU-Linear "
+                      "(mlp2x_gelu)")
+  # Both the strategy and the layer mean the same in LLaVA: "default" drops token 0 (CLIP's
+  # CLS, and SigLIP's first patch as MoE-LLaVA does), hidden_states[layer] is our layer.
+  return transformers.LlavaConfig(
+      vision_config=vision_config_to_hf(cfg.vision),
+      text_config=text_config_to_hf(cfg.text, **text_extra),
+      image_token_index=cfg.image_token_id, vision_feature_layer=cfg.vision_feature_layer,
+      vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+      projector_hidden_act="gelu", multimodal_projector_bias=True,
+      image_seq_length=cfg.num_image_tokens, tie_word_embeddings=cfg.text.tie_embeddings)
 
 
 # ---------------------------------------------------------- on-disk key layouts
@@ -243,7 +355,8 @@ def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 def load_weights(model: nnx.Module, state: StateDict, rules: Sequence[Rule],
                  ignore_prefixes: Iterable[str] = ()) -> None:
-  """Fills `model` in place from an HF state dict, strictly (see module docstring)."""
+  """Fills `model` in place from an HF state dict, strictly (see module docstring).
+  `model` may be abstract (`nnx.eval_shape`); it is concrete afterwards."""
   ours = flat_params(model)
   state = {k: to_numpy(v) for k, v in state.items()}
   ignore = tuple(ignore_prefixes)
@@ -266,7 +379,11 @@ def load_weights(model: nnx.Module, state: StateDict, rules: Sequence[Rule],
       if tuple(value.shape) != tuple(var.shape):
         raise ConversionError(f"{rule.hf[0]} -> {path}: shape {tuple(value.shape)}, model "
                               f"expects {tuple(var.shape)}")
-      var[...] = jnp.asarray(value, dtype=var.dtype)
+      if isinstance(var.get_value(), jax.ShapeDtypeStruct):
+        # A model from nnx.eval_shape (no memory spent on a random init): set, not write.
+        var.set_value(jnp.asarray(value, dtype=var.dtype))
+      else:
+        var[...] = jnp.asarray(value, dtype=var.dtype)
       filled.add(path)
   unfilled = sorted(set(ours) - filled)
   if unfilled:

@@ -184,6 +184,15 @@ def projector_rules(kind: str, ours: str = "projector.",
   return [r for n in names for r in linear(f"{ours}{n}", f"{hf}{n}", True)]
 
 
+def moe_llava_projector_rules(kind: str, ours: str = "projector.",
+                              hf: str = "model.mm_projector.image_spatial_proj") -> list[Rule]:
+  """MoE-LLaVA's projector: an nn.Linear, or nn.Sequential(Linear, GELU, Linear) whose
+  linears are items 0 and 2."""
+  if kind == "linear":
+    return linear(f"{ours}linear_1", hf, True)
+  return linear(f"{ours}linear_1", f"{hf}.0", True) + linear(f"{ours}linear_2", f"{hf}.2", True)
+
+
 def llava_rules(cfg: VLMConfig, vision_prefix: str = "model.vision_tower.",
                 moe_layout: str = "qwen2_moe") -> list[Rule]:
   """LlavaForConditionalGeneration (transformers 5 key layout)."""
