@@ -177,3 +177,27 @@ def test_router_noise_comes_from_the_state_rng():
           for s in (0, 0, 1)]
   assert runs[0] == runs[1]  # same key, same sampled second experts
   assert runs[0] != runs[2]  # another key samples other second experts
+
+
+def test_expert_parallel_step_uses_all_to_all_and_shards_experts():
+  cfg = vlm_config(TEXT, MoEConfig(dispatch="capacity", capacity_factor=1.0, group_size=1,
+                                   ep_impl="shard_map"))
+  model = VLM(cfg, rngs=nnx.Rngs(0))
+  codec = ParamCodec(model)
+  params = jax.tree.map(np.asarray, codec.flatten(model))
+  mesh = mesh_lib.make_mesh({"data": 2, "expert": 4})
+  tx = step_lib.make_optimizer(STEP.optim)
+  shardings = step_lib.state_shardings(codec, _not_vision, mesh, tx)
+  state = step_lib.init_state(params, _not_vision, tx, shardings)
+  batch = _batch(cfg)
+  fn = step_lib.jit_train_step(step_lib.make_train_step(codec, STEP, tx), mesh, shardings, batch)
+  hlo = fn.lower(state, batch).compile().as_text()
+  assert "all-to-all" in hlo
+  w = state.params["llm.layers.0.mlp.experts.wi_gate"]
+  assert w.addressable_shards[0].data.nbytes * 4 == w.nbytes  # 1/(expert axis) per device
+  # The expert-parallel step computes the same update as the single-device one.
+  ref_state, ref = _run(codec, params, batch, MESHES[0])
+  new_state, m = fn(state, batch)
+  np.testing.assert_allclose(float(m["loss"]), float(ref["loss"]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(new_state.params["llm.layers.0.mlp.experts.wo"]),
+                             ref_state.params["llm.layers.0.mlp.experts.wo"], atol=1e-5)
