@@ -142,14 +142,7 @@ _LLAVA_MEMORY_TO_DISK = tuple((mem, disk) for disk, mem in hf._LLAVA_DISK_PREFIX
 def llava_disk_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """In-memory LLaVA names (`model.language_model.*`) -> on-disk ones: the inverse of
   `hf.canonical_llava_keys`."""
-  out = {}
-  for key, value in state.items():
-    for mem, disk in _LLAVA_MEMORY_TO_DISK:
-      if key.startswith(mem):
-        key = disk + key[len(mem):]
-        break
-    out[key] = value
-  return out
+  return hf.rename_prefixes(state, _LLAVA_MEMORY_TO_DISK)
 
 
 def unfuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -309,15 +309,21 @@ _LLAVA_DISK_PREFIXES = (
 )
 
 
-def canonical_llava_keys(state: StateDict) -> dict[str, np.ndarray]:
+def rename_prefixes(state: StateDict, pairs) -> dict[str, np.ndarray]:
+  """Replaces the first matching (old, new) key prefix of every tensor name."""
   out = {}
   for key, value in state.items():
-    for disk, mem in _LLAVA_DISK_PREFIXES:
-      if key.startswith(disk):
-        key = mem + key[len(disk):]
+    for old, new in pairs:
+      if key.startswith(old):
+        key = new + key[len(old):]
         break
     out[key] = value
   return out
+
+
+def canonical_llava_keys(state: StateDict) -> dict[str, np.ndarray]:
+  """On-disk LLaVA names (`language_model.model.*`) -> in-memory ones."""
+  return rename_prefixes(state, _LLAVA_DISK_PREFIXES)
 
 
 def fuse_unfused_experts(state: StateDict) -> dict[str, np.ndarray]:
