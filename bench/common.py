@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import platform
 import statistics
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -93,3 +94,16 @@ def fmt_time(s: float) -> str:
 
 def fmt_flops(f: Optional[float]) -> str:
   return "n/a" if f is None else f"{f / 1e9:.3f} GFLOP"
+
+
+def print_header(out: Callable[[str], None], name: str, tiny: bool, device_note: str,
+                 extra: str = "") -> None:
+  """The environment banner every benchmark prints first, so figures carry their machine."""
+  dev = jax.devices()[0]
+  out(f"# {name}{' --tiny' if tiny else ''}: jax {jax.__version__}, "
+      f"{dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s){extra}, "
+      f"{os.cpu_count()} host cores, python {platform.python_version()}")
+  if device_note:
+    out(f"# device note: {device_note}")
+  if os.environ.get("XLA_FLAGS"):
+    out(f"# XLA_FLAGS={os.environ['XLA_FLAGS']}")

@@ -46,7 +46,6 @@ import argparse
 import dataclasses
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench import moe_layer  # noqa: E402
+from bench import common, moe_layer  # noqa: E402
 from bench.common import fmt_time, interleaved_times, median  # noqa: E402
 from moe_vlm.convert import hf  # noqa: E402
 from moe_vlm.convert.export import export_vlm  # noqa: E402
@@ -152,16 +151,9 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
 
-  dev = jax.devices()[0]
-  out(f"# bench.generate{' --tiny' if args.tiny else ''}: jax {jax.__version__}, "
-      f"{dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s); torch "
-      f"{torch.__version__} ({torch.get_num_threads()} threads), transformers "
-      f"{transformers.__version__}; {os.cpu_count()} host cores, python "
-      f"{platform.python_version()}")
-  if args.device_note:
-    out(f"# device note: {args.device_note}")
-  if os.environ.get("XLA_FLAGS"):
-    out(f"# XLA_FLAGS={os.environ['XLA_FLAGS']}")
+  common.print_header(out, "bench.generate", args.tiny, args.device_note,
+                      extra=f"; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                      f"transformers {transformers.__version__}")
   t0 = time.perf_counter()
 
   cfg = moe_layer.vlm_config(s.model)

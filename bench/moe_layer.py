@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -39,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench import common  # noqa: E402
 from bench.common import (compile_all, fmt_flops, fmt_time, interleaved_times, matmul_peak,
                           median, paired_ratio, xla_flops)
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
@@ -469,14 +468,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   if args.step_reps:
     s = dataclasses.replace(s, step_reps=args.step_reps)
   s = dataclasses.replace(s, dtype=args.dtype)
-  dev = jax.devices()[0]
-  out(f"# bench.moe_layer{' --tiny' if args.tiny else ''}: jax {jax.__version__}, "
-      f"{dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s), "
-      f"{os.cpu_count()} host cores, python {platform.python_version()}")
-  if args.device_note:
-    out(f"# device note: {args.device_note}")
-  if os.environ.get("XLA_FLAGS"):
-    out(f"# XLA_FLAGS={os.environ['XLA_FLAGS']}")
+  common.print_header(out, "bench.moe_layer", args.tiny, args.device_note)
   t0 = time.perf_counter()
   layer = None if args.skip_layer else prepare_layer(s, out, args.input_grad)
   step = None if args.skip_step else prepare_step(s, out, args.step_dispatch)
