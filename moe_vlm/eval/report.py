@@ -22,10 +22,9 @@ from moe_vlm.data import templates
 from moe_vlm.eval import runner
 from moe_vlm.eval.metrics import exact_match, pope_metrics
 from moe_vlm.infer.generate import left_pad
+from moe_vlm.infer.load import load_stage_model
 from moe_vlm.models.config import VLMConfig
-from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
-from moe_vlm.train import checkpoint as ckpt_lib
 
 
 def _records(path: str, limit: int) -> list[dict]:
@@ -97,12 +96,6 @@ def evaluate(model: VLM, cfg: VLMConfig, tokenizer: Any, c: ml_collections.Confi
   return result
 
 
-def _load_stage(workdir: str, k: int, cfg: VLMConfig) -> VLM:
-  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-  return codec.merge(ckpt_lib.load_params(os.path.join(workdir, f"stage{k}", "final"),
-                                          codec.shapes))
-
-
 def stage_report(c: ml_collections.ConfigDict, workdir: str, *,
                  routing_plots: Optional[bool] = None) -> str:
   """Evaluates stage 2 and stage 3 finals; writes report.json/.md; returns the markdown.
@@ -119,7 +112,7 @@ def stage_report(c: ml_collections.ConfigDict, workdir: str, *,
   cfgs = {}
   for k in (2, 3):
     cfgs[k] = loop.stage_model_config(c, dense, k)
-    results[f"stage{k}"] = evaluate(_load_stage(workdir, k, cfgs[k]), cfgs[k], tokenizer, c,
+    results[f"stage{k}"] = evaluate(load_stage_model(workdir, k, cfgs[k]), cfgs[k], tokenizer, c,
                                     data_dir)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(results, f, indent=2)
