@@ -3,7 +3,7 @@
     python -m bench.generate [--tiny] [--device-note TEXT] [--reps N] [--new-tokens N]
                              [--torch-threads N]
 
-One VLM with the benchmark config of `bench.moe_layer` (CLIP-style ViT 4 x 256, 112 px
+One VLM with the benchmark config of `bench.config` (CLIP-style ViT 4 x 256, 112 px
 / 14 px patches; Qwen2-style decoder 8 x 512, 8 q / 4 kv heads, FFN 1408, 4 experts
 top-2 in every other layer, vocab 8000; random N(0, 0.02) weights, fp32) is exported with
 `export_vlm(..., layout="llava")` and loaded back by
@@ -56,14 +56,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from bench import common, moe_layer  # noqa: E402
+from bench import common, config  # noqa: E402
 from bench.common import fmt_time, interleaved_times, median  # noqa: E402
-from moe_vlm.convert import hf  # noqa: E402
 from moe_vlm.convert.export import export_vlm  # noqa: E402
 from moe_vlm.infer.generate import GenerationConfig, generate, left_pad  # noqa: E402
-from moe_vlm.models.vlm import VLM  # noqa: E402
 
 PAD_ID = 0
 BOS_ID = 1
@@ -71,7 +68,7 @@ BOS_ID = 1
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-  model: moe_layer.Sizes      # the VLM (only its model fields are read)
+  model: config.Sizes         # the VLM (only its model fields are read)
   batch: int                  # prompts per batch
   text_min: int               # text tokens per prompt (besides the image), spread evenly
   text_max: int
@@ -81,9 +78,9 @@ class Sizes:
   per_round: int = 1          # calls of each candidate per round; the round keeps the fastest
 
 
-FULL = Sizes(model=moe_layer.FULL, batch=8, text_min=8, text_max=64, new_tokens=64,
+FULL = Sizes(model=config.FULL, batch=8, text_min=8, text_max=64, new_tokens=64,
              check_steps=8, reps=5)
-TINY = Sizes(model=moe_layer.TINY, batch=4, text_min=2, text_max=10, new_tokens=48,
+TINY = Sizes(model=config.TINY, batch=4, text_min=2, text_max=10, new_tokens=48,
              check_steps=8, reps=2, per_round=3)
 
 
@@ -104,19 +101,7 @@ def prompts(s: Sizes, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return ids, mask, pixels
 
 
-def random_vlm(cfg, seed: int = 0) -> VLM:
-  """A VLM with random weights drawn on the host: N(0, 0.02) for every matrix, embedding
-  and bias, ones for norm scales (as the default init, but without one XLA compile per
-  initializer: the model is built abstract and filled from numpy)."""
-  model = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(seed)))
-  rng = np.random.default_rng(seed)
-  for path, var in sorted(hf.flat_params(model).items()):
-    if path.endswith(".scale"):
-      value = np.ones(var.shape, np.float32)
-    else:
-      value = 0.02 * rng.standard_normal(var.shape, np.float32)
-    var.set_value(jnp.asarray(value, dtype=var.dtype))
-  return model
+random_vlm = config.random_vlm  # moved to bench.config; the name stays for callers
 
 
 def agreement(ours: np.ndarray, theirs: np.ndarray, steps: int) -> dict[str, Any]:
@@ -156,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
                       f"transformers {transformers.__version__}")
   t0 = time.perf_counter()
 
-  cfg = moe_layer.vlm_config(s.model)
+  cfg = config.vlm_config(s.model)
   model = random_vlm(cfg)
   ids, mask, pixels = prompts(s, cfg)
   b, plen, n = ids.shape[0], ids.shape[1], s.new_tokens
