@@ -36,7 +36,8 @@ from flax import nnx
 
 from moe_vlm.convert import hf, keymap
 from moe_vlm.convert.hf import ConversionError
-from moe_vlm.models.config import ConfigError, MoEConfig, TextConfig, VisionConfig, VLMConfig
+from moe_vlm.models.config import (ConfigError, MoEConfig, PerceiverConfig, TextConfig,
+                                   VisionConfig, VLMConfig)
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
 
@@ -44,6 +45,7 @@ log = logging.getLogger("moe_vlm")
 
 LAYOUTS = ("auto", "llava", "moe_llava")
 CONFIG_FILE = "moe_vlm_config.json"
+PROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_TOWER_DIR = "image_tower"
 IMAGE_TOKEN = "<image>"
 _MAX_SHARD_BYTES = 5 * 2**30
@@ -67,6 +69,8 @@ def config_from_dict(d: Mapping[str, Any]) -> VLMConfig:
       moe["moe_layers_idx"] = tuple(moe["moe_layers_idx"])
     moe = MoEConfig(**moe)
   rest = {k: v for k, v in d.items() if k not in ("vision", "text")}
+  if "perceiver" in rest:
+    rest["perceiver"] = PerceiverConfig(**rest["perceiver"])
   return VLMConfig(vision=VisionConfig(**d["vision"]), text=TextConfig(**text, moe=moe), **rest)
 
 
@@ -299,6 +303,9 @@ def export_vlm(model: VLM, out_dir: str, *, layout: str = "auto", tokenizer: Any
     (default: the absolute path of `<out_dir>/image_tower`).
   """
   cfg = model.cfg
+  if cfg.projector == "perceiver":
+    raise ValueError("projector='perceiver' (IDEFICS2 resampler) has no place in the LLaVA "
+                     "or MoE-LLaVA layouts; keep its Orbax checkpoint instead")
   layout = resolve_layout(cfg, layout)
   tok = None if tokenizer is None else prepare_tokenizer(tokenizer, cfg)
   os.makedirs(out_dir, exist_ok=True)
@@ -558,6 +565,7 @@ def _read_moe_llava(path: str, raw: Mapping[str, Any], dtype: str,
 #   params/              flat params dict (Orbax, checkpoint.save_params)
 #   moe_vlm_config.json  its VLMConfig
 #   tokenizer/           the tokenizer, when the source had one
+#   preprocessor_config.json  the image processor (mean/std), when the source had one
 
 
 def load_params_model(cfg: VLMConfig, params_dir: str) -> VLM:
@@ -632,4 +640,7 @@ def from_hf(hf_dir: str, out_dir: str, *, dtype: str = "float32",
     os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
     for n in names:
       shutil.copy2(os.path.join(hf_dir, n), os.path.join(out_dir, "tokenizer", n))
+  # The image mean/std the model was trained with, for inference on the checkpoint.
+  if os.path.exists(os.path.join(hf_dir, PROCESSOR_FILE)):
+    shutil.copy2(os.path.join(hf_dir, PROCESSOR_FILE), os.path.join(out_dir, PROCESSOR_FILE))
   return model.cfg

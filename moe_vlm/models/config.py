@@ -239,30 +239,73 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerceiverConfig:
+  """IDEFICS2's connector (`projector="perceiver"`): a SwiGLU modality projection to the
+  text width, then a perceiver resampler that compresses the P patch features into
+  `n_latents` image tokens (transformers' `Idefics2Connector`).
+
+  The resampler runs at the text hidden size; its MLPs are 4x that wide (as in IDEFICS2).
+  Defaults are idefics2-8b's resampler except `norm_eps` (HF's perceiver default).
+  """
+
+  n_latents: int = 64
+  depth: int = 3
+  num_heads: int = 16
+  head_dim: int = 96
+  num_kv_heads: int = 4
+  # Intermediate size of the modality projection; None: the text model's (as IDEFICS2).
+  intermediate_size: Optional[int] = None
+  norm_eps: float = 1e-6
+  # Activation of both SwiGLU MLPs (IDEFICS2 uses silu for both).
+  activation: str = "silu"
+
+  def validate(self) -> None:
+    for name in ("n_latents", "depth", "num_heads", "head_dim", "num_kv_heads"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"perceiver.{name}={getattr(self, name)}: expected >= 1")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"perceiver.num_heads={self.num_heads} is not a multiple of "
+          f"perceiver.num_kv_heads={self.num_kv_heads}")
+    if self.intermediate_size is not None and self.intermediate_size < 1:
+      raise ConfigError(
+          f"perceiver.intermediate_size={self.intermediate_size}: expected None or >= 1")
+    if not self.norm_eps > 0:
+      raise ConfigError(f"perceiver.norm_eps={self.norm_eps}: expected > 0")
+    check_activation(self.activation, "perceiver.activation")
+
+
+@dataclasses.dataclass(frozen=True)
 class VLMConfig:
   """LLaVA-1.5 style: vision tower -> projector -> image tokens spliced into the text."""
 
   vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
   text: TextConfig = dataclasses.field(default_factory=TextConfig)
-  projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+  projector: Literal["linear", "mlp2x_gelu", "perceiver"] = "mlp2x_gelu"
   # Which hidden state of the vision tower feeds the projector (-2 in LLaVA).
   vision_feature_layer: int = -2
   # "default" drops the first token (CLIP's CLS; MoE-LLaVA also drops SigLIP's token 0),
   # "full" keeps every token.
   vision_feature_select_strategy: Literal["default", "full"] = "default"
   image_token_id: int = 32000
+  # Read only when projector == "perceiver".
+  perceiver: PerceiverConfig = dataclasses.field(default_factory=PerceiverConfig)
 
   @property
   def num_image_tokens(self) -> int:
+    if self.projector == "perceiver":
+      return self.perceiver.n_latents  # a fixed cost per image, whatever the tower
     n = self.vision.num_positions
     return n - 1 if self.vision_feature_select_strategy == "default" else n
 
   def validate(self) -> None:
     self.vision.validate()
     self.text.validate()
-    if self.projector not in ("linear", "mlp2x_gelu"):
+    if self.projector not in ("linear", "mlp2x_gelu", "perceiver"):
       raise ConfigError(
-          f"projector={self.projector!r}: expected 'linear' or 'mlp2x_gelu'")
+          f"projector={self.projector!r}: expected 'linear', 'mlp2x_gelu' or 'perceiver'")
+    if self.projector == "perceiver":
+      self.perceiver.validate()
     n = self.vision.num_layers
     if not -(n + 1) <= self.vision_feature_layer <= n:
       raise ConfigError(

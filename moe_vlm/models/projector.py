@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from moe_vlm.models.config import VLMConfig
 from moe_vlm.models.layers import Dense, activation
+from moe_vlm.models.perceiver import PerceiverConnector
 
 Array = jax.Array
 
@@ -30,3 +32,12 @@ class Projector(nnx.Module):
     if self.kind == "linear":
       return self.linear_1(x)
     return self.linear_2(self.act(self.linear_1(x)))
+
+
+def make_projector(cfg: VLMConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The projector `cfg.projector` names: LLaVA's MLP/linear or IDEFICS2's perceiver."""
+  kw = dict(rngs=rngs, dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype)
+  if cfg.projector == "perceiver":
+    return PerceiverConnector(cfg.perceiver, cfg.vision.hidden_size, cfg.text.hidden_size,
+                              cfg.text.intermediate_size, **kw)
+  return Projector(cfg.projector, cfg.vision.hidden_size, cfg.text.hidden_size, **kw)

@@ -20,7 +20,7 @@ from moe_vlm.models.config import VLMConfig
 from moe_vlm.models.layers import KVCache
 from moe_vlm.models.llm import DecoderLM
 from moe_vlm.models.moe import IMAGE, PAD, TEXT
-from moe_vlm.models.projector import Projector
+from moe_vlm.models.projector import make_projector
 from moe_vlm.models.vision import VisionEncoder
 
 Array = jax.Array
@@ -60,12 +60,12 @@ class VLM(nnx.Module):
     cfg.validate()
     self.cfg = cfg
     self.vision = VisionEncoder(cfg.vision, rngs=rngs)
-    self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.text.hidden_size,
-                               rngs=rngs, dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype)
+    self.projector = make_projector(cfg, rngs=rngs)
     self.llm = DecoderLM(cfg.text, rngs=rngs)
 
   def image_features(self, pixel_values: Array) -> Array:
-    """[B, H, W, C] -> projected image tokens [B, num_image_tokens, D_text]."""
+    """[B, H, W, C] -> projected image tokens [B, num_image_tokens, D_text] (for the
+    perceiver, its n_latents resampled tokens)."""
     feats = self.vision.features(pixel_values, self.cfg.vision_feature_layer)
     if self.cfg.vision_feature_select_strategy == "default":
       feats = feats[:, 1:]
