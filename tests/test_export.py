@@ -392,6 +392,35 @@ def test_convert_command_end_to_end(tmp_root, tmp_path):
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
     assert os.path.exists(os.path.join(again, "tokenizer.json"))
 
+  # Inference straight from the converted checkpoint answers as the workdir does.
+  from PIL import Image
+  from moe_vlm.infer import load as load_lib
+  from moe_vlm.infer.generate import generate, left_pad
+  image = str(tmp_path / "img.png")
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 20, 3), np.uint8)).save(image)
+  from_wd = load_lib.load(wd, 3, c)
+  from_ckpt = load_lib.load_checkpoint(ckpt, template=from_wd.template)
+  assert from_ckpt.cfg == from_wd.cfg
+  np.testing.assert_allclose(from_ckpt.image(image), from_wd.image(image), atol=1e-6)
+  turn = [{"from": "human", "value": "<image>\nWhat shape is it?"}]
+  prompt = from_wd.encode(turn)
+  np.testing.assert_array_equal(from_ckpt.encode(turn), prompt)
+  ids, mask = left_pad([prompt], from_wd.pad_id, len(prompt))
+  answers = [np.asarray(generate(im.model, ids, mask, im.image(image)[None], max_new_tokens=4))
+             for im in (from_wd, from_ckpt)]
+  np.testing.assert_array_equal(*answers)
+  # The chat command on the checkpoint (stdin: one question, then exit).
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  chat = subprocess.run([sys.executable, "-m", "moe_vlm", "chat", f"--ckpt={ckpt}",
+                         f"--image={image}", "--max_new_tokens=3",
+                         f"--template={from_wd.template}"],
+                        cwd=ROOT, env=env, input="What shape is it?\nexit\n",
+                        capture_output=True, text=True, timeout=300)
+  assert chat.returncode == 0, chat.stderr[-3000:]
+  assert chat.stdout.count("ASSISTANT:") == 1
+  with pytest.raises(FileNotFoundError, match="not a converted checkpoint"):
+    load_lib.load_checkpoint(wd)
+
 
 def test_sharded_export_loads_everywhere(tmp_path):
   """Past `max_shard_bytes` the tensors go to shards + an index; re-exporting into the

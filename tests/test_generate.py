@@ -282,3 +282,60 @@ def test_chat_answers_each_turn_and_exits(workdir):
   # EOF ends the loop too (here a third turn of the same conversation).
   assert run_chat(session, io.StringIO("Is it big?"), io.StringIO()) == 1
   assert len(session.turns) == 6
+
+
+# ------------------------------------------------------------------ sharded generation
+
+
+@pytest.mark.parametrize("shape", [dict(data=2, model=2, expert=2), dict(fsdp=2, model=4)])
+def test_sharded_generation_equals_single_device(shape):
+  from moe_vlm.infer.generate import shard_model
+  from moe_vlm.parallel.mesh import make_mesh
+
+  model = _model("moe")
+  prompts, pixels = _prompts(model, text_lengths=(2, 9, 6, 3), images=(True, True, False, True))
+  ids, mask = left_pad(prompts, 0, max(len(p) for p in prompts))
+  want_tokens, want_logits = _run(model, ids, mask, pixels)
+  mesh = make_mesh(shape)
+  sharded = shard_model(model, mesh)
+  experts = sharded.llm.layers[0].mlp.experts.wo[...]
+  assert len(experts.sharding.device_set) == 8  # the weights really are spread out
+  tokens, logits = generate(sharded, ids, mask, pixels, max_new_tokens=NEW,
+                            return_logits=True, mesh=mesh)
+  np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
+  np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ chat KV-cache reuse
+
+
+def test_chat_reuses_the_cache_and_answers_as_a_fresh_prefill(workdir, monkeypatch):
+  from moe_vlm.infer import chat as chat_lib
+
+  _, wd = workdir
+  im = load_lib.load(wd, stage=3)
+  # Small cache steps so the conversation outgrows its cache and the cache is copied.
+  monkeypatch.setattr(chat_lib, "CACHE_STEP", 64)
+  config = GenerationConfig(max_new_tokens=6, eos_ids=im.stop_ids, pad_id=im.pad_id)
+  image = os.path.join(wd, "data", "images", _image_paths(wd, 1)[0])
+  reuse = ChatSession(im, config, image=image)
+  fresh = ChatSession(im, config, image=image, reuse_cache=False)
+  lengths = []
+  for i, q in enumerate(["What shape is it?", "And its colour?", "Where is it?",
+                         "Is it big or small, and is there anything else?"]):
+    assert reuse.ask(q) == fresh.ask(q)
+    assert reuse.last.generated == fresh.last.generated
+    assert fresh.last.prefilled == fresh.last.prompt_tokens  # no reuse: all prefilled
+    if i:
+      # Only the new turn's tokens (plus what re-tokenising the answer changed).
+      assert reuse.last.prefilled < reuse.last.prompt_tokens - im.cfg.num_image_tokens
+    lengths.append(reuse._cache.length)  # pylint: disable=protected-access
+  assert lengths[-1] > lengths[0]  # it grew, and the copied slots still served
+
+
+def test_shared_prefix():
+  from moe_vlm.infer.chat import shared_prefix
+  assert shared_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+  assert shared_prefix([1, 2], [1, 2, 3]) == 2
+  assert shared_prefix([], [1]) == 0
+  assert shared_prefix([7], [1]) == 0

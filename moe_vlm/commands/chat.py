@@ -1,5 +1,6 @@
-"""`moe-vlm chat --workdir DIR [--stage 3] [--config CFG] [--image IMG]`: a multi-turn
-conversation on stdin/stdout; `exit`, `quit` or EOF ends it."""
+"""`moe-vlm chat --workdir DIR [--stage 3] [--config CFG] [--image IMG]` or
+`moe-vlm chat --ckpt DIR [--image IMG]`: a multi-turn conversation on stdin/stdout;
+`exit`, `quit` or EOF ends it. Earlier turns stay in the KV cache."""
 
 from __future__ import annotations
 

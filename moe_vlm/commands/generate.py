@@ -1,9 +1,9 @@
 """`moe-vlm generate --workdir DIR [--stage 3] [--config CFG] --questions Q.jsonl
---answers OUT.jsonl`: batched answers in LLaVA's model_vqa.py layout."""
+--answers OUT.jsonl`: batched answers in LLaVA's model_vqa.py layout. `--ckpt DIR` (a
+converted checkpoint) replaces --workdir; `--mesh data=-1` shards the batch."""
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from absl import app, flags
@@ -25,8 +25,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("generate needs --questions and --answers")
   im = infer_flags.load_model()
   from moe_vlm.infer import vqa
-  model_id = FLAGS.model_id or (
-      f"{os.path.basename(os.path.abspath(FLAGS.workdir))}/stage{FLAGS.stage}")
+  model_id = FLAGS.model_id or infer_flags.model_name()
   n = vqa.answer_file(im, FLAGS.questions, FLAGS.answers,
                       config=infer_flags.generation_config(im), model_id=model_id,
                       batch_size=FLAGS.batch_size, image_folder=FLAGS.image_folder,

@@ -1,40 +1,128 @@
 """Multi-turn chat about one image, in the model's conversation template.
 
 Each turn re-encodes the whole conversation (the image goes into the first human turn,
-as in training) and generates the answer with a fresh KV cache: simple, and the
-prefill of a short conversation costs little next to the answer's decode steps.
+as in training), but only the tokens the KV cache does not already hold are prefilled:
+the cache keeps every token fed so far, and a new turn reuses the longest prefix it
+shares with them (the earlier turns, usually) and overwrites the rest. Causal attention
+makes that exact: a slot's keys and values depend only on the tokens before it. When
+the template re-tokenises an answer differently from the tokens generated, the shared
+prefix simply ends earlier.
 """
 
 from __future__ import annotations
 
-from typing import Optional, TextIO
+import dataclasses
+from typing import Optional, Sequence, TextIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moe_vlm.data import images as images_lib
 from moe_vlm.data import templates
-from moe_vlm.infer.generate import GenerationConfig, generate, left_pad, until_stop
+from moe_vlm.infer.generate import (GenerationConfig, extend, init_cache, left_pad,
+                                    until_stop)
 from moe_vlm.infer.load import InferenceModel
 from moe_vlm.infer.vqa import bucket
+from moe_vlm.models.layers import KVCache
 
 EXIT_WORDS = ("exit", "quit")
+# New prompt tokens are padded to a multiple of this, and the cache grows in steps of
+# CACHE_STEP slots: a growing conversation recompiles only now and then.
+PROMPT_STEP = 32
+CACHE_STEP = 256
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  """Length of the longest common prefix of two token sequences."""
+  n = min(len(a), len(b))
+  diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+  return int(diff[0]) if diff.size else n
+
+
+@dataclasses.dataclass
+class TurnStats:
+  """What the last turn cost: prompt tokens, and how many of them were prefilled."""
+
+  prompt_tokens: int
+  prefilled: int
+  generated: list[int]
 
 
 class ChatSession:
   """The conversation so far, and `ask` to extend it by one question and its answer."""
 
   def __init__(self, im: InferenceModel, config: GenerationConfig, *,
-               image: Optional[images_lib.ImageInput] = None, seed: int = 0):
+               image: Optional[images_lib.ImageInput] = None, seed: int = 0,
+               reuse_cache: bool = True):
     if im.template == "plain":
       raise ValueError("this model uses the 'plain' captioning template (stage 1), which "
                        "has no turns to chat in; use a stage 2 or 3 model")
     self.im = im
     self.config = config
+    self.reuse_cache = reuse_cache
     self.has_image = image is not None
     self.pixels = im.image(image)[None]
     self.rng = jax.random.key(seed)
     self.turns: list[dict[str, str]] = []
+    self.last: Optional[TurnStats] = None
+    # The cache, the tokens it holds (in order), the slot of each, and slot validity.
+    self._cache: Optional[KVCache] = None
+    self._fed: list[int] = []
+    self._slots: list[int] = []
+    self._valid = np.zeros((1, 0), np.int32)
+
+  def _reusable(self, prompt: np.ndarray) -> int:
+    """How many leading prompt tokens the cache already holds (at least one token is
+    always prefilled: its logits pick the first answer token)."""
+    if not self.reuse_cache or self._cache is None:
+      return 0
+    common = min(shared_prefix(self._fed, prompt.tolist()), len(prompt) - 1)
+    image = np.flatnonzero(prompt == self.im.cfg.image_token_id)
+    if image.size and common < image[-1] + 1:
+      # An image's placeholders are prefilled together with its pixels, never split.
+      common = min(common, int(image[0]))
+    return common
+
+  def _cache_for(self, start: int, needed: int) -> KVCache:
+    """A cache of at least `needed` slots whose first `start` slots are the current ones."""
+    length = bucket(needed, CACHE_STEP)
+    if self._cache is None or start == 0:
+      cache = init_cache(self.im.cfg.text, 1, length)
+    elif self._cache.length < needed:
+      grow = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, length - a.shape[2]), (0, 0), (0, 0)))
+      cache = KVCache(grow(self._cache.k), grow(self._cache.v), self._cache.index)
+    else:
+      cache = self._cache
+    return cache._replace(index=jnp.asarray(start, jnp.int32))
+
+  def _generate(self, prompt: np.ndarray, rng: jax.Array) -> list[int]:
+    """Prefills what the cache lacks of `prompt`, decodes, and records the new cache."""
+    n = self.config.max_new_tokens
+    common = self._reusable(prompt)
+    start = self._slots[common - 1] + 1 if common else 0
+    delta = prompt[common:]
+    ids, pad_mask = left_pad([delta], self.im.pad_id, bucket(len(delta), PROMPT_STEP))
+    cache = self._cache_for(start, start + ids.shape[1] + n)
+    valid = np.ones((1, cache.length), np.int32)  # generated slots: valid from the start
+    valid[:, :start] = self._valid[:, :start]
+    valid[:, start:start + ids.shape[1]] = pad_mask
+    pixels = self.pixels if np.any(delta == self.im.cfg.image_token_id) else None
+    self._cache = None  # donated to `extend`
+    tokens, _, self._cache = extend(self.im.model, cache, valid, ids, pixels, self.config,
+                                    rng=rng)
+    tokens = np.asarray(tokens)[0].tolist()
+    # The decode loop feeds every generated token but the last one into the cache.
+    stops = [i for i, t in enumerate(tokens) if t in set(self.config.eos_ids)]
+    steps = stops[0] + 1 if stops else n
+    fed = tokens[:steps - 1]
+    first = start + ids.shape[1] - len(delta)
+    self._fed = prompt.tolist() + fed
+    self._slots = (self._slots[:common] + list(range(first, first + len(delta)))
+                   + list(range(start + ids.shape[1], start + ids.shape[1] + len(fed))))
+    self._valid = valid
+    self.last = TurnStats(len(prompt), len(delta), tokens[:steps])
+    return tokens
 
   def ask(self, text: str) -> str:
     """Answers `text` given the previous turns; both join the conversation."""
@@ -42,12 +130,9 @@ class ChatSession:
     if self.has_image and not self.turns:
       value = templates.IMAGE_PLACEHOLDER + "\n" + text
     question = {"from": templates.HUMAN, "value": value}
-    prompt = self.im.encode(self.turns + [question])
-    # Buckets of 128 tokens: a growing conversation recompiles only now and then.
-    ids, mask = left_pad([prompt], self.im.pad_id, bucket(len(prompt), 128))
-    tokens = generate(self.im.model, ids, mask, self.pixels, self.config,
-                      rng=jax.random.fold_in(self.rng, len(self.turns)))
-    answer = self.im.decode(until_stop(np.asarray(tokens), self.config.eos_ids)[0])
+    prompt = np.asarray(self.im.encode(self.turns + [question]), np.int32)
+    tokens = self._generate(prompt, jax.random.fold_in(self.rng, len(self.turns)))
+    answer = self.im.decode(until_stop(np.asarray([tokens]), self.config.eos_ids)[0])
     self.turns += [question, {"from": templates.GPT, "value": answer}]
     return answer
 

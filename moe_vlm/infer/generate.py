@@ -33,9 +33,16 @@ from flax import nnx
 from moe_vlm.infer.sampling import greedy_tokens, sample_tokens
 from moe_vlm.models.config import TextConfig
 from moe_vlm.models.layers import KVCache
+from moe_vlm.parallel.mesh import constrain
+from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import ImageTokenError, check_image_tokens
+from moe_vlm.parallel import mesh as mesh_lib
 
 Array = jax.Array
+
+# KV cache [layers, B, T, kv_heads, head_dim]: rows follow the batch, heads the tensor
+# axis, as the attention that writes them.
+CACHE_AXES = (None, "batch", None, "kv_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +113,19 @@ def decode_step(model, tokens: Array, mask: Array, cache: KVCache) -> tuple[Arra
   return logits[:, 0], cache
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "greedy", "nucleus", "return_logits"))
-def _generate(model, input_ids, attention_mask, pixel_values, rng, knobs, *,
-              max_new_tokens: int, greedy: bool, nucleus: bool, return_logits: bool):
-  b, p = input_ids.shape
+def _run(model, cache: KVCache, mask: Array, input_ids: Array, pixel_values: Optional[Array],
+         rng: Array, knobs: dict[str, Array], *, max_new_tokens: int, greedy: bool,
+         nucleus: bool, return_logits: bool) -> tuple[Array, Optional[Array], KVCache]:
+  """Prefill `input_ids` [B, P] at slots cache.index.., then the decode loop.
+
+  `mask` [B, T] is the validity of every cache slot (earlier turns, the new prompt, and
+  the generated slots). Returns (tokens [B, N], logits or None, cache); the last
+  generated token is not fed back, so the cache ends at index + P + steps - 1.
+  """
+  b = input_ids.shape[0]
   n = max_new_tokens
-  cache = init_cache(model.cfg.text, b, p + n)
-  mask = cache_mask(attention_mask, p + n)
-  logits, cache = prefill(model, input_ids, attention_mask, pixel_values, cache)
+  cache = KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES), cache.index)
+  logits, _, cache = model(input_ids, pixel_values, mask, dispatch="dropless", cache=cache)
   logits = logits[:, -1]  # left padding: every row's last prompt token is at P - 1
   stop, pad = knobs["stop"], knobs["pad"]
 
@@ -143,9 +155,29 @@ def _generate(model, input_ids, attention_mask, pixel_values, rng, knobs, *,
       seen = seen.at[:, step].set(logits)
     return step + 1, tokens, done | jnp.isin(nxt, stop), cache, seen
 
-  _, tokens, _, _, seen = jax.lax.while_loop(
+  _, tokens, _, cache, seen = jax.lax.while_loop(
       cond, body, (jnp.ones((), jnp.int32), tokens, done, cache, seen))
+  return tokens, seen, cache
+
+
+_STATIC = ("max_new_tokens", "greedy", "nucleus", "return_logits")
+
+
+@nnx.jit(static_argnames=_STATIC)
+def _generate(model, input_ids, attention_mask, pixel_values, rng, knobs, **static):
+  """Fresh cache of P + max_new_tokens slots -> (tokens, logits or None)."""
+  b, p = input_ids.shape
+  length = p + static["max_new_tokens"]
+  cache = init_cache(model.cfg.text, b, length)
+  tokens, seen, _ = _run(model, cache, cache_mask(attention_mask, length), input_ids,
+                         pixel_values, rng, knobs, **static)
   return tokens, seen
+
+
+@nnx.jit(static_argnames=_STATIC, donate_argnames=("cache",))
+def _extend(model, cache, mask, input_ids, pixel_values, rng, knobs, **static):
+  """Continues a cache that already holds earlier turns -> (tokens, logits, cache)."""
+  return _run(model, cache, mask, input_ids, pixel_values, rng, knobs, **static)
 
 
 def _check_inputs(model, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -164,19 +196,49 @@ def _check_inputs(model, input_ids: np.ndarray, attention_mask: np.ndarray,
     raise ImageTokenError("input_ids contain image tokens but pixel_values is None")
 
 
+def shard_model(model, mesh: jax.sharding.Mesh,
+                rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES):
+  """The model with its parameters placed on `mesh` by their logical axes (as in
+  training: experts over `expert`, heads and FFN over `model`, embed over `fsdp`)."""
+  mesh_lib.check_model_fits_mesh(model.cfg, mesh)
+  codec = ParamCodec(model)
+  shardings = mesh_lib.param_shardings(codec.logical_axes, codec.shapes, mesh, rules)
+  return codec.merge(jax.device_put(codec.flatten(model), shardings))
+
+
+def _place(x: Optional[np.ndarray], mesh: Optional[jax.sharding.Mesh]) -> Optional[Array]:
+  """Host array -> device array, split over the mesh's batch axes when they divide it."""
+  if x is None:
+    return None
+  if mesh is None:
+    return jnp.asarray(x)
+  ways = mesh_lib.axis_size(mesh, mesh_lib.BATCH_AXES)
+  sharding = (mesh_lib.batch_sharding(mesh, np.ndim(x)) if x.shape[0] % ways == 0 else
+              jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return jax.device_put(np.asarray(x), sharding)
+
+
+def _static(config: GenerationConfig, return_logits: bool) -> dict[str, Any]:
+  return dict(max_new_tokens=config.max_new_tokens, greedy=config.temperature == 0.0,
+              nucleus=config.top_p < 1.0, return_logits=return_logits)
+
+
 def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = None,
              config: Optional[GenerationConfig] = None, *, rng: Optional[Array] = None,
-             return_logits: bool = False, **overrides: Any):
+             return_logits: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
+             **overrides: Any):
   """Generates up to max_new_tokens per row with a KV cache.
 
   Args:
-    model: a `VLM`.
+    model: a `VLM` (with `mesh`: placed by `shard_model`).
     input_ids, attention_mask: [B, P] LEFT-padded prompts (image placeholders expanded).
     pixel_values: [B, H, W, 3] row-aligned images, or None for text-only prompts.
     config: decoding settings; keyword `overrides` replace its fields, e.g.
       `generate(model, ids, mask, px, max_new_tokens=32, eos_ids=(2,))`.
     rng: PRNG key for sampling (temperature > 0); fixed key -> same tokens.
     return_logits: also return each step's raw next-token logits [B, N, V] (fp32).
+    mesh: run sharded: the batch (and KV cache rows) split over the batch axes, heads
+      and experts as the parameters are; the tokens equal an unsharded run's.
 
   Returns:
     tokens [B, max_new_tokens] int32: a row's stop token is kept, then pad_id follows.
@@ -187,12 +249,39 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
   ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
   _check_inputs(model, ids, mask, pixel_values)
   rng = jax.random.key(0) if rng is None else rng
-  pixels = None if pixel_values is None else jnp.asarray(pixel_values)
-  tokens, logits = _generate(model, jnp.asarray(ids), jnp.asarray(mask), pixels, rng,
-                             config.knobs(), max_new_tokens=config.max_new_tokens,
-                             greedy=config.temperature == 0.0, nucleus=config.top_p < 1.0,
-                             return_logits=return_logits)
+  pixels = None if pixel_values is None else np.asarray(pixel_values, np.float32)
+  if mesh is None:
+    tokens, logits = _generate(model, _place(ids, None), _place(mask, None),
+                               _place(pixels, None), rng, config.knobs(),
+                               **_static(config, return_logits))
+  else:
+    mesh_lib.check_model_fits_mesh(model.cfg, mesh)
+    with mesh_lib.activation_sharding(mesh):
+      tokens, logits = _generate(model, _place(ids, mesh), _place(mask, mesh),
+                                 _place(pixels, mesh), rng, config.knobs(),
+                                 **_static(config, return_logits))
   return (tokens, logits) if return_logits else tokens
+
+
+def extend(model, cache: KVCache, slot_mask: np.ndarray, input_ids: np.ndarray,
+           pixel_values: Optional[np.ndarray], config: GenerationConfig, *,
+           rng: Array, return_logits: bool = False) -> tuple[Array, Optional[Array], KVCache]:
+  """`generate` on a cache that already holds earlier tokens (multi-turn chat).
+
+  input_ids [B, P] are written at slots cache.index..; `slot_mask` [B, T] marks every
+  valid slot (earlier turns, this prompt, and the next max_new_tokens slots); the cache
+  must have room for P + max_new_tokens more slots. It is donated: use the returned one,
+  whose index is past the last token fed (every generated token except the last).
+  """
+  ids = np.asarray(input_ids, np.int32)
+  need = int(cache.index) + ids.shape[1] + config.max_new_tokens
+  if need > cache.length:
+    raise ValueError(f"cache of {cache.length} slots is too short: {need} needed")
+  if slot_mask.shape != (ids.shape[0], cache.length):
+    raise ValueError(f"slot_mask {slot_mask.shape}: expected {(ids.shape[0], cache.length)}")
+  return _extend(model, cache, jnp.asarray(slot_mask, jnp.int32), jnp.asarray(ids),
+                 None if pixel_values is None else jnp.asarray(pixel_values), rng,
+                 config.knobs(), **_static(config, return_logits))
 
 
 def until_stop(tokens: Any, eos_ids: Iterable[int]) -> list[list[int]]:

@@ -1,7 +1,8 @@
-"""A trained model, its tokenizer and its prompt format, rebuilt from a workdir.
+"""A trained model, its tokenizer and its prompt format, rebuilt from a workdir or from
+a converted checkpoint.
 
-Everything that turns `<workdir>/stage<k>/final` back into something that answers
-questions lives here, so the `generate` / `chat` commands and evaluation code share it:
+Everything that turns `<workdir>/stage<k>/final` (or a `moe-vlm convert from-hf`
+output directory) back into something that answers questions lives here, so the `generate` / `chat` commands and evaluation code share it:
 the model config comes from the experiment config exactly as training derived it
 (`loop.model_config` / `loop.stage_model_config`), the tokenizer from where training
 found it, and the conversation template from the stage's config.
@@ -14,6 +15,7 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -67,8 +69,11 @@ class InferenceModel:
   cfg: VLMConfig
   tokenizer: Any
   template: str
-  normalization: str
+  normalization: str | images_lib.Normalization
   add_bos: bool = False
+  # Set when the model's parameters were placed on a mesh (generate.shard_model):
+  # generation then shards its batch over the mesh's batch axes too.
+  mesh: Optional[jax.sharding.Mesh] = None
 
   @property
   def pad_id(self) -> int:
@@ -116,3 +121,64 @@ def load(workdir: str, stage: int = 3,
                         tokenizer=tokenizer, template=c.stages[f"stage{stage}"].template,
                         normalization=c.data.normalization,
                         add_bos=bool(c.data.get("add_bos", False)))
+
+
+# MoE-LLaVA picks the conversation template by the LLM family (its `conv_mode`).
+_FAMILY_TEMPLATES = {"phi": "phi", "stablelm": "stablelm", "qwen2": "qwen", "qwen2_moe": "qwen"}
+
+
+def default_template(tokenizer: Any, cfg: VLMConfig) -> str:
+  """The template of a checkpoint that does not record one: MoE-LLaVA's for its
+  families, else the tokenizer's own chat template."""
+  if cfg.text.family in _FAMILY_TEMPLATES:
+    return _FAMILY_TEMPLATES[cfg.text.family]
+  if getattr(tokenizer, "chat_template", None):
+    return "hf_chat"
+  raise ValueError(f"no conversation template known for text family {cfg.text.family!r} "
+                   "and the tokenizer has no chat_template; pass one of "
+                   f"{', '.join(templates.TEMPLATES)} (--template)")
+
+
+def checkpoint_normalization(ckpt: str, cfg: VLMConfig) -> images_lib.Normalization:
+  """The image mean/std of the checkpoint's processor file, else the tower's default."""
+  from moe_vlm.convert import export
+
+  path = os.path.join(ckpt, export.PROCESSOR_FILE)
+  if not os.path.exists(path):
+    return images_lib.get_normalization(cfg.vision.variant)
+  with open(path) as f:
+    raw = json.load(f)
+  try:
+    return images_lib.Normalization(mean=tuple(raw["image_mean"]), std=tuple(raw["image_std"]))
+  except KeyError as e:
+    raise ValueError(f"{path}: no {e.args[0]} field; expected image_mean and image_std "
+                     "lists") from None
+
+
+def load_checkpoint(ckpt: str, *, template: Optional[str] = None,
+                    tokenizer: Optional[str] = None, add_bos: bool = False) -> InferenceModel:
+  """A converted checkpoint (`moe-vlm convert from-hf` output: params/,
+  moe_vlm_config.json, tokenizer/, preprocessor_config.json) ready to answer.
+
+  template: the conversation template (default: `default_template`);
+  tokenizer: a tokenizer directory (default: `<ckpt>/tokenizer`).
+  """
+  from moe_vlm.convert import export
+
+  config_path = os.path.join(ckpt, export.CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} not found: {ckpt} is not a converted checkpoint "
+                            "(make one with `moe-vlm convert from-hf`; for a training "
+                            "workdir use --workdir)")
+  cfg = export.load_config(config_path)
+  tok_dir = tokenizer or os.path.join(ckpt, "tokenizer")
+  if not os.path.isdir(tok_dir):
+    raise FileNotFoundError(f"{tok_dir} not found: the checkpoint carries no tokenizer; "
+                            "pass one (--tokenizer DIR)")
+  tok = tokenizer_lib.load_tokenizer(tok_dir)
+  template = template or default_template(tok, cfg)
+  if template not in templates.TEMPLATES:
+    raise ValueError(f"template={template!r}: expected one of {', '.join(templates.TEMPLATES)}")
+  model = export.load_params_model(cfg, os.path.join(ckpt, "params"))
+  return InferenceModel(model=model, cfg=cfg, tokenizer=tok, template=template,
+                        normalization=checkpoint_normalization(ckpt, cfg), add_bos=add_bos)

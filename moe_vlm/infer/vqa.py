@@ -84,7 +84,7 @@ def answer_questions(im: InferenceModel, questions: list[dict[str, Any]], *,
     batch = [prompts[i] for i in rows] + [prompts[rows[-1]]] * fill
     ids, mask = left_pad(batch, im.pad_id, length)
     tokens = generate(im.model, ids, mask, np.stack(pixels + [pixels[-1]] * fill), config,
-                      rng=jax.random.fold_in(rng, b))
+                      rng=jax.random.fold_in(rng, b), mesh=im.mesh)
     yield [im.decode(t) for t in until_stop(tokens, config.eos_ids)[:len(rows)]]
 
 

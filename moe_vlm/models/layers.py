@@ -124,8 +124,9 @@ class KVCache(NamedTuple):
   @classmethod
   def zeros(cls, shape: Sequence[int], dtype: jnp.dtype) -> KVCache:
     """An empty cache of `shape` [layers, B, T, KV, D] writing from slot 0."""
-    z = jnp.zeros(tuple(shape), dtype)
-    return cls(z, z, jnp.zeros((), jnp.int32))
+    # Two buffers, not one shared: a cache passed to a donating jit donates both.
+    return cls(jnp.zeros(tuple(shape), dtype), jnp.zeros(tuple(shape), dtype),
+               jnp.zeros((), jnp.int32))
 
   @property
   def length(self) -> int:
