@@ -36,7 +36,8 @@ from flax import nnx
 
 from moe_vlm.convert import hf, keymap
 from moe_vlm.convert.hf import ConversionError
-from moe_vlm.models.config import (ConfigError, MoEConfig, PerceiverConfig, TextConfig,
+from moe_vlm.models import config as config_lib
+from moe_vlm.models.config import (ConfigError, MoEConfig, TextConfig,
                                    VisionConfig, VLMConfig)
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
@@ -61,17 +62,7 @@ def config_to_dict(cfg: VLMConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: Mapping[str, Any]) -> VLMConfig:
-  text = dict(d["text"])
-  moe = text.pop("moe", None)
-  if moe is not None:
-    moe = dict(moe)
-    if moe.get("moe_layers_idx") is not None:
-      moe["moe_layers_idx"] = tuple(moe["moe_layers_idx"])
-    moe = MoEConfig(**moe)
-  rest = {k: v for k, v in d.items() if k not in ("vision", "text")}
-  if "perceiver" in rest:
-    rest["perceiver"] = PerceiverConfig(**rest["perceiver"])
-  return VLMConfig(vision=VisionConfig(**d["vision"]), text=TextConfig(**text, moe=moe), **rest)
+  return config_lib.from_dict(VLMConfig, d)
 
 
 def save_config(cfg: VLMConfig, path: str) -> None:

@@ -91,7 +91,7 @@ class ChatSession:
       cache = init_cache(self.im.cfg.text, 1, length)
     elif self._cache.length < needed:
       grow = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, length - a.shape[2]), (0, 0), (0, 0)))
-      cache = KVCache(grow(self._cache.k), grow(self._cache.v), self._cache.index)
+      cache = self._cache._replace(k=grow(self._cache.k), v=grow(self._cache.v))
     else:
       cache = self._cache
     return cache._replace(index=jnp.asarray(start, jnp.int32))

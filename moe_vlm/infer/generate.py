@@ -124,7 +124,7 @@ def _run(model, cache: KVCache, mask: Array, input_ids: Array, pixel_values: Opt
   """
   b = input_ids.shape[0]
   n = max_new_tokens
-  cache = KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES), cache.index)
+  cache = cache._replace(k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
   logits, _, cache = model(input_ids, pixel_values, mask, dispatch="dropless", cache=cache)
   logits = logits[:, -1]  # left padding: every row's last prompt token is at P - 1
   stop, pad = knobs["stop"], knobs["pad"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Optional
+import types
+import typing
+from typing import Any, Literal, Mapping, Optional
 
 import jax.numpy as jnp
 
@@ -22,6 +24,7 @@ class ConfigError(ValueError):
 MoEMode = Literal["sparse", "dense", "first_half", "second_half"]
 Dispatch = Literal["capacity", "dropless"]
 EPImpl = Literal["gspmd", "shard_map"]
+GmmImpl = Literal["auto", "ragged_dot", "blocked"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,14 @@ class MoEConfig:
   # "gumbel": in training, sample the second expert as DeepSpeed 0.9.5 does (top-2
   # only); evaluation is always deterministic top-k.
   second_expert_noise: Literal["none", "gumbel"] = "none"
+  # Grouped matmul of the dropless experts (moe_vlm.models.gmm): "ragged_dot" is
+  # jax.lax.ragged_dot, native on TPU/GPU but lowered densely on CPU (every row times
+  # all E experts); "blocked" loops over row blocks of each expert, cost proportional
+  # to the rows; "auto" picks "blocked" on CPU and "ragged_dot" elsewhere. Same results.
+  gmm_impl: GmmImpl = "auto"
+  # Rows per block of the "blocked" grouped matmul: each expert computes at most
+  # gmm_block_size - 1 padding rows.
+  gmm_block_size: int = 128
 
   def layer_indices(self, num_layers: int) -> tuple[int, ...]:
     """Which decoder layers hold an MoE FFN (MoE-LLaVA's `moe_mode` semantics)."""
@@ -96,6 +107,11 @@ class MoEConfig:
           f"moe.dispatch={self.dispatch!r}: expected 'capacity' or 'dropless'")
     if self.ep_impl not in ("gspmd", "shard_map"):
       raise ConfigError(f"moe.ep_impl={self.ep_impl!r}: expected 'gspmd' or 'shard_map'")
+    if self.gmm_impl not in ("auto", "ragged_dot", "blocked"):
+      raise ConfigError(f"moe.gmm_impl={self.gmm_impl!r}: expected 'auto', 'ragged_dot' or "
+                        "'blocked'")
+    if not isinstance(self.gmm_block_size, int) or self.gmm_block_size < 1:
+      raise ConfigError(f"moe.gmm_block_size={self.gmm_block_size!r}: expected an int >= 1")
     if self.second_expert_noise not in ("none", "gumbel"):
       raise ConfigError(f"moe.second_expert_noise={self.second_expert_noise!r}: expected "
                         "'none' or 'gumbel'")
@@ -117,6 +133,105 @@ class MoEConfig:
     if not idx:
       raise ConfigError(
           f"moe selects no layer (moe_mode={self.moe_mode!r}, num_layers={num_layers})")
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperExpertConfig:
+  """HyperLLaVA's dynamic expert (arXiv 2403.13447): a HyperNetwork reads a per-sample
+  guidance vector, encodes it (layer-specific encoder, `expert_dim` wide) and generates
+  the weights of an adapter x -> W_u SwiGLU(W_d x) with `bottleneck` channels. The
+  paper's best sizes are the defaults. The generator of W_u starts at zero, so a fresh
+  expert adds nothing and the model equals its static self.
+
+  As `VLMConfig.visual_expert` it shifts the projector (guidance: the image's features);
+  as `TextConfig.language_expert` it runs beside the FFN of `layers` (default: the
+  posterior half) with guidance = the hidden state entering layer `guidance_layer`
+  (default L/2). Guidance vectors are means over the prompt (the tokens before the first
+  answer token), so no answer token ever shapes the weights that predict it.
+  """
+
+  expert_dim: int = 64
+  bottleneck: int = 16
+  layers: Optional[tuple[int, ...]] = None
+  guidance_layer: Optional[int] = None
+
+  def language_layers(self, num_layers: int) -> tuple[int, ...]:
+    if self.layers is not None:
+      return tuple(sorted(self.layers))
+    return tuple(range(self.guide_layer(num_layers), num_layers))
+
+  def guide_layer(self, num_layers: int) -> int:
+    return num_layers // 2 if self.guidance_layer is None else self.guidance_layer
+
+  def validate(self, field: str, num_layers: Optional[int] = None) -> None:
+    for name in ("expert_dim", "bottleneck"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{field}.{name}={getattr(self, name)}: expected >= 1")
+    if num_layers is None:
+      return
+    g = self.guide_layer(num_layers)
+    if not 0 <= g < num_layers:
+      raise ConfigError(f"{field}.guidance_layer={g}: expected 0 <= layer < {num_layers}")
+    layers = self.language_layers(num_layers)
+    early = [i for i in layers if not g <= i < num_layers]
+    if early or not layers:
+      raise ConfigError(f"{field}.layers={list(layers)}: expected a non-empty list of layers "
+                        f"in [guidance_layer={g}, {num_layers}) (an expert can only read "
+                        "guidance computed before it)")
+
+
+LORA_TARGETS = ("mlp", "attn_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAMoEConfig:
+  """Awaker2.5-VL's parameter-efficient MoE (arXiv 2411.10669): on frozen base weights,
+  each target projection gets `num_experts` LoRA experts picked by a router plus one
+  always-on shared (global) LoRA expert:
+
+      y = W0 x + sum_{i in top-k} g_i E_i(x) + (1 - sum g_i) E_g(x),
+      g = softmax(router(u) / temperature + noise),  E(x) = (alpha / rank) B A x,
+
+  which for top_k=1 is the paper's y = W0 x + G_max E_m(x) + (1 - G_max) E_g(x). The MLP's
+  gate/up/down projections share one router per layer; the attention output projection
+  has its own. `routing="token"` routes each token on its own input u; "instance" routes
+  a whole sample on the mean of its prompt's embedding-layer output (the same input for
+  every router, detached; the paper's choice). Gaussian router noise (std `noise_std`)
+  only in training. B starts at zero: a fresh model equals the frozen base.
+  """
+
+  num_experts: int = 4
+  top_k: int = 1
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = LORA_TARGETS
+  routing: Literal["token", "instance"] = "instance"
+  shared_expert: bool = True
+  temperature: float = 1.0
+  noise_std: float = 0.1
+  # Decoder layers that get LoRA experts; None = all.
+  layers: Optional[tuple[int, ...]] = None
+
+  def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+    return tuple(range(num_layers)) if self.layers is None else tuple(sorted(self.layers))
+
+  def validate(self, num_layers: int) -> None:
+    if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+      raise ConfigError(f"lora_moe: expected num_experts >= 1 and 1 <= top_k <= num_experts, "
+                        f"got num_experts={self.num_experts}, top_k={self.top_k}")
+    if self.rank < 1:
+      raise ConfigError(f"lora_moe.rank={self.rank}: expected >= 1")
+    bad = [t for t in self.targets if t not in LORA_TARGETS]
+    if bad or not self.targets:
+      raise ConfigError(f"lora_moe.targets={list(self.targets)}: expected a non-empty subset "
+                        f"of {list(LORA_TARGETS)}")
+    if self.routing not in ("token", "instance"):
+      raise ConfigError(f"lora_moe.routing={self.routing!r}: expected 'token' or 'instance'")
+    if self.temperature <= 0 or self.noise_std < 0:
+      raise ConfigError("lora_moe.temperature must be > 0 and lora_moe.noise_std >= 0")
+    out = [i for i in self.layer_indices(num_layers) if not 0 <= i < num_layers]
+    if out:
+      raise ConfigError(f"lora_moe.layers: {out} out of range for {num_layers} layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +261,9 @@ class TextConfig:
   tie_embeddings: bool = False
   lm_head_bias: bool = False
   moe: Optional[MoEConfig] = None
+  # HyperLLaVA's language expert, and Awaker2.5-VL's LoRA experts (both optional).
+  language_expert: Optional[HyperExpertConfig] = None
+  lora_moe: Optional[LoRAMoEConfig] = None
   # Compute dtype of activations and matmuls; parameters stay in `param_dtype`.
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -185,6 +303,19 @@ class TextConfig:
       raise ConfigError(f"text.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     if self.moe is not None:
       self.moe.validate(self.num_layers)
+    if self.language_expert is not None:
+      self.language_expert.validate("text.language_expert", self.num_layers)
+    if self.lora_moe is not None:
+      self.lora_moe.validate(self.num_layers)
+
+  def guides(self) -> tuple[str, ...]:
+    """Per-sample guidance vectors the decoder computes from the prompt (see DecoderLM)."""
+    out = []
+    if self.language_expert is not None:
+      out.append("language_expert")
+    if self.lora_moe is not None and self.lora_moe.routing == "instance":
+      out.append("lora_router")
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +421,8 @@ class VLMConfig:
   image_token_id: int = 32000
   # Read only when projector == "perceiver".
   perceiver: PerceiverConfig = dataclasses.field(default_factory=PerceiverConfig)
+  # HyperLLaVA's visual expert: a dynamic shift of the mlp2x_gelu projector's hidden layer.
+  visual_expert: Optional[HyperExpertConfig] = None
 
   @property
   def num_image_tokens(self) -> int:
@@ -306,6 +439,11 @@ class VLMConfig:
           f"projector={self.projector!r}: expected 'linear', 'mlp2x_gelu' or 'perceiver'")
     if self.projector == "perceiver":
       self.perceiver.validate()
+    if self.visual_expert is not None:
+      if self.projector != "mlp2x_gelu":
+        raise ConfigError(f"visual_expert needs projector='mlp2x_gelu' (the HyperLLaVA "
+                          f"design shifts its hidden layer), got {self.projector!r}")
+      self.visual_expert.validate("visual_expert")
     n = self.vision.num_layers
     if not -(n + 1) <= self.vision_feature_layer <= n:
       raise ConfigError(
@@ -334,3 +472,27 @@ def check_activation(name: str, field: str) -> None:
 
 def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
+
+
+def from_dict(cls: type, d: Mapping[str, Any], field: str = "") -> Any:
+  """A config dataclass from plain data (JSON, ml_collections): nested configs are
+  rebuilt by their type hints and lists become tuples; unknown keys are an error."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ConfigError(f"{field or cls.__name__}: unknown fields {unknown}; expected some of "
+                      f"{sorted(names)}")
+  return cls(**{k: _coerce(hints[k], v, f"{field}.{k}" if field else k) for k, v in d.items()})
+
+
+def _coerce(tp: Any, value: Any, field: str) -> Any:
+  if value is None:
+    return None
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    tp = next(a for a in typing.get_args(tp) if a is not type(None))
+  if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+    return from_dict(tp, value, field)
+  if typing.get_origin(tp) is tuple and isinstance(value, (list, tuple)):
+    return tuple(value)
+  return value

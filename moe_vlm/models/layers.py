@@ -120,6 +120,9 @@ class KVCache(NamedTuple):
   k: Array
   v: Array
   index: Array
+  # Per-sample guidance vectors computed from the prompt at prefill (HyperLLaVA's
+  # language expert, Awaker's instance router), reused by every later decode step.
+  guides: Optional[dict[str, Array]] = None
 
   @classmethod
   def zeros(cls, shape: Sequence[int], dtype: jnp.dtype) -> KVCache:
@@ -187,12 +190,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, mask: Optional[Array],
                rope: Optional[tuple[Array, Array]] = None,
-               cache: Optional[LayerCache] = None) -> Array | tuple[Array, LayerCache]:
+               cache: Optional[LayerCache] = None, *,
+               lora: Optional[Callable[[str, Array], Array]] = None
+               ) -> Array | tuple[Array, LayerCache]:
     """x [B, L, D]; mask [B, L, L] bool (True = may attend) or None for full attention.
 
     With a `cache` (decoding), the L new keys/values are written at slots
     `index ..` of this layer, the queries attend over all T cache slots (mask
-    [B, L, T]), and the call returns (out, updated cache).
+    [B, L, T]), and the call returns (out, updated cache). `lora(name, x)` adds an
+    adapter's output to projection `name` ("out") for its input x.
     """
     b, l, _ = x.shape
     q = self.query(x).reshape(b, l, self.num_heads, self.head_dim)
@@ -203,8 +209,10 @@ class Attention(nnx.Module):
     if cache is not None:
       cache = cache.write(k, v)
       k, v = cache.keys, cache.values
-    out = dot_product_attention(q, k, v, mask)
-    out = self.out(out.reshape(b, l, self.num_heads * self.head_dim))
+    ctx = dot_product_attention(q, k, v, mask).reshape(b, l, self.num_heads * self.head_dim)
+    out = self.out(ctx)
+    if lora is not None:  # LoRA experts on the output projection (Awaker2.5-VL)
+      out = out + lora("out", ctx).astype(out.dtype)
     return out if cache is None else (out, cache)
 
 
@@ -241,9 +249,12 @@ class MLP(nnx.Module):
       self.wi = Dense(hidden, intermediate, axes=("embed", "mlp"), **kw)
     self.wo = Dense(intermediate, hidden, axes=("mlp", "embed"), **kw)
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, lora: Optional[Callable[[str, Array], Array]] = None) -> Array:
+    """`lora(name, x)`, when given, adds an adapter's output to projection `name`."""
+    proj = (lambda name, x: getattr(self, name)(x)) if lora is None else (
+        lambda name, x: getattr(self, name)(x) + lora(name, x).astype(self.wo.dtype))
     if self.kind == "gated":
-      h = self.act(self.wi_gate(x)) * self.wi_up(x)
+      h = self.act(proj("wi_gate", x)) * proj("wi_up", x)
     else:
-      h = self.act(self.wi(x))
-    return self.wo(h)
+      h = self.act(proj("wi", x))
+    return proj("wo", h)

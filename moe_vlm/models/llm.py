@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_vlm.models.adapters import HyperExpert, LoRAMoE, masked_mean
 from moe_vlm.models.config import TextConfig
 from moe_vlm.models.layers import (MLP, Attention, Dense, KVCache, LayerCache, Norm, param,
                                    rope_tables)
@@ -28,7 +29,8 @@ Array = jax.Array
 class DecoderBlock(nnx.Module):
   """Pre-norm attention + FFN (dense or MoE) with sequential or parallel residual."""
 
-  def __init__(self, cfg: TextConfig, *, use_moe: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, use_moe: bool, rngs: nnx.Rngs,
+               use_language_expert: bool = False, use_lora: bool = False):
     kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.parallel_residual = cfg.parallel_residual
     self.input_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, rngs=rngs,
@@ -44,30 +46,71 @@ class DecoderBlock(nnx.Module):
       self.mlp = MoE(cfg.hidden_size, cfg.intermediate_size, cfg.moe, **ffn_kw)
     else:
       self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **ffn_kw)
+    d, f, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.dim_per_head
+    # HyperLLaVA: a dynamic expert beside the FFN, reading the same input.
+    self.language_expert = (
+        HyperExpert(cfg.language_expert, d, d, d, axes=("embed", "embed"), **kw)
+        if use_language_expert else None)
+    # Awaker2.5-VL: LoRA experts on the frozen MLP projections (one router) and on the
+    # attention output projection (its own router).
+    lm = cfg.lora_moe if use_lora else None
+    lora_mlp = lora_attn = None
+    if lm is not None and "mlp" in lm.targets:
+      shapes = ({"wi_gate": (d, f, "embed", "mlp"), "wi_up": (d, f, "embed", "mlp")}
+                if cfg.mlp == "gated" else {"wi": (d, f, "embed", "mlp")})
+      shapes["wo"] = (f, d, "mlp", "embed")
+      lora_mlp = LoRAMoE(lm, d, shapes, **kw)
+    if lm is not None and "attn_out" in lm.targets:
+      lora_attn = LoRAMoE(lm, d if lm.routing == "instance" else heads,
+                          {"out": (heads, d, "heads", "embed")}, **kw)
+    self.lora_mlp, self.lora_attn = nnx.data(lora_mlp), nnx.data(lora_attn)
+
+  def _lora(self, lora: Optional[LoRAMoE], guides: Optional[dict], train: bool,
+            rng: Optional[Array], salt: int):
+    """The `lora(name, x)` hook of a projection group: routes on the group's first input
+    (per token) or on the instance guide, once, then adds the experts' outputs."""
+    if lora is None:
+      return None
+    rng = None if rng is None else jax.random.fold_in(rng, salt)
+    routed = {}
+
+    def hook(name: str, x: Array) -> Array:
+      if "w" not in routed:
+        u = x if lora.cfg.routing == "token" else guides["lora_router"][:, None, :]
+        routed["w"] = lora.route(u, train=train, rng=rng)
+      return lora.delta(name, x, *routed["w"])
+    return hook
 
   def _ffn(self, x: Array, modality: Optional[Array], train: bool,
-           dispatch: Optional[str], rng: Optional[Array]) -> tuple[Array, Optional[dict]]:
+           dispatch: Optional[str], rng: Optional[Array],
+           guides: Optional[dict] = None) -> tuple[Array, Optional[dict]]:
     if self.is_moe:
-      return self.mlp(x, modality, train=train, dispatch=dispatch, rng=rng)
-    return self.mlp(x), None
+      y, stats = self.mlp(x, modality, train=train, dispatch=dispatch, rng=rng)
+    else:
+      y, stats = self.mlp(x, self._lora(self.lora_mlp, guides, train, rng, 1)), None
+    if self.language_expert is not None:
+      y = y + self.language_expert(x, guides["language_expert"]).astype(y.dtype)
+    return y, stats
 
   def __call__(self, x: Array, mask: Array, rope: tuple[Array, Array],
                modality: Optional[Array] = None, *, train: bool = False,
                dispatch: Optional[str] = None, cache: Optional[LayerCache] = None,
-               rng: Optional[Array] = None
+               rng: Optional[Array] = None, guides: Optional[dict[str, Array]] = None
                ) -> tuple[Array, Optional[dict]] | tuple[Array, Optional[dict], LayerCache]:
     """-> (x, stats), or (x, stats, updated cache) when given this layer's `cache`.
-    `rng` feeds the MoE router's optional training noise."""
+    `rng` feeds the routers' optional training noise; `guides` are the per-sample
+    guidance vectors of the language expert and the LoRA instance router."""
     h = self.input_norm(x)
-    attn = self.attn(h, mask, rope, cache)
+    attn = self.attn(h, mask, rope, cache, lora=self._lora(self.lora_attn, guides, train,
+                                                             rng, 2))
     if cache is not None:
       attn, cache = attn
     if self.parallel_residual:
-      ffn, stats = self._ffn(h, modality, train, dispatch, rng)
+      ffn, stats = self._ffn(h, modality, train, dispatch, rng, guides)
       x = x + attn + ffn
     else:
       x = x + attn
-      ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch, rng)
+      ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch, rng, guides)
       x = x + ffn
     return (x, stats) if cache is None else (x, stats, cache)
 
@@ -103,8 +146,13 @@ class DecoderLM(nnx.Module):
     self.embed = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
                        ("vocab", "embed"), cfg.param_dtype)
     moe_layers = set(cfg.moe_layers())
-    self.layers = nnx.List([DecoderBlock(cfg, use_moe=i in moe_layers, rngs=rngs)
-                            for i in range(cfg.num_layers)])
+    expert_layers = (set(cfg.language_expert.language_layers(cfg.num_layers))
+                     if cfg.language_expert else set())
+    lora_layers = set(cfg.lora_moe.layer_indices(cfg.num_layers)) if cfg.lora_moe else set()
+    self.layers = nnx.List([
+        DecoderBlock(cfg, use_moe=i in moe_layers, use_language_expert=i in expert_layers,
+                     use_lora=i in lora_layers and i not in moe_layers, rngs=rngs)
+        for i in range(cfg.num_layers)])
     self.final_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, rngs=rngs,
                            param_dtype=cfg.param_dtype)
     self.lm_head = (None if cfg.tie_embeddings else
@@ -123,7 +171,8 @@ class DecoderLM(nnx.Module):
                train: bool = False,
                dispatch: Optional[str] = None,
                cache: Optional[KVCache] = None,
-               rng: Optional[Array] = None
+               rng: Optional[Array] = None,
+               guide_mask: Optional[Array] = None
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns logits [B, L, V] (fp32) and `aux`: summed MoE losses + per-layer stats.
 
@@ -133,6 +182,10 @@ class DecoderLM(nnx.Module):
     With a `cache` (KV-cache decoding, k/v [layers, B, T, KV, D]) the L inputs are the
     tokens at slots cache.index.., `attention_mask` is [B, T] over all cache slots,
     default positions skip its padding, and the call returns (logits, aux, cache).
+
+    Guidance vectors (`TextConfig.guides()`) are masked means over `guide_mask` [B, L]
+    (the prompt span; default: every valid token of the call). With a cache they are
+    computed by the call that starts at slot 0 (the prefill) and kept in the cache.
     """
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     b, l, _ = x.shape
@@ -145,15 +198,33 @@ class DecoderLM(nnx.Module):
     mask = (causal_mask(attention_mask) if cache is None else
             cached_causal_mask(attention_mask, cache.index, l))
     rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
+    wanted = self.cfg.guides()
+    if guide_mask is None:
+      guide_mask = (attention_mask if cache is None else
+                    jax.lax.dynamic_slice_in_dim(attention_mask, cache.index, l, axis=1))
+    guides: dict[str, Array] = {}
+
+    def add_guide(name: str, h: Array) -> None:
+      g = masked_mean(h, guide_mask)
+      if cache is not None and cache.guides and name in cache.guides:
+        g = jnp.where(cache.index == 0, g, cache.guides[name])  # decode: the prompt's
+      guides[name] = g
+
+    if "lora_router" in wanted:  # Awaker: the embedding output, detached
+      add_guide("lora_router", jax.lax.stop_gradient(x))
+    guide_layer = (self.cfg.language_expert.guide_layer(self.cfg.num_layers)
+                   if "language_expert" in wanted else -1)
     per_layer = []
     run = _rematted(self.cfg.remat, train, dispatch)
     for i, block in enumerate(self.layers):
+      if i == guide_layer:  # HyperLLaVA: the hidden state entering the middle layer
+        add_guide("language_expert", x)
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
       if cache is None:
-        x, stats = run(block, x, mask, rope, modality, layer_rng)
+        x, stats = run(block, x, mask, rope, modality, layer_rng, guides or None)
       else:  # inference only: no remat
         x, stats, view = block(x, mask, rope, modality, train=train, dispatch=dispatch,
-                               cache=cache.layer(i))
+                               cache=cache.layer(i), guides=guides or None)
         cache = view.cache
       if stats is not None:
         per_layer.append(stats)
@@ -165,7 +236,7 @@ class DecoderLM(nnx.Module):
     if cache is None:
       return logits.astype(jnp.float32), summarize_moe(per_layer)
     return logits.astype(jnp.float32), summarize_moe(per_layer), cache._replace(
-        index=cache.index + l)
+        index=cache.index + l, guides=guides or None)
 
 
 _POLICIES = {
@@ -177,8 +248,9 @@ _POLICIES = {
 
 def _rematted(policy: str, train: bool, dispatch: Optional[str]):
   """A block runner, wrapped in nnx.remat when a policy asks for recomputation."""
-  def run(block, x, mask, rope, modality, rng):
-    return block(x, mask, rope, modality, train=train, dispatch=dispatch, rng=rng)
+  def run(block, x, mask, rope, modality, rng, guides):
+    return block(x, mask, rope, modality, train=train, dispatch=dispatch, rng=rng,
+                 guides=guides)
   if policy == "none":
     return run
   return nnx.remat(run, policy=_POLICIES[policy])

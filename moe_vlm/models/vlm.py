@@ -74,14 +74,15 @@ class VLM(nnx.Module):
   def __call__(self, input_ids: Array, pixel_values: Optional[Array] = None,
                attention_mask: Optional[Array] = None, *, train: bool = False,
                dispatch: Optional[str] = None, cache: Optional[KVCache] = None,
-               rng: Optional[Array] = None
+               rng: Optional[Array] = None, guide_mask: Optional[Array] = None
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns (logits [B, L, V] fp32, aux) - aux holds the summed MoE losses and the
     per-layer routing statistics split by modality (see `DecoderLM`).
 
     With a `cache` (KV-cache decoding): input_ids are the L tokens written at slots
     cache.index.., attention_mask is [B, T] over all cache slots, and the call returns
-    (logits, aux, updated cache)."""
+    (logits, aux, updated cache). `guide_mask` [B, L]: the prompt span that per-sample
+    guidance vectors average over (`adapters.prompt_mask`; training passes it)."""
     cfg = self.cfg
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape if cache is None else
@@ -98,4 +99,5 @@ class VLM(nnx.Module):
         attention_mask, cache.index, input_ids.shape[1], axis=1)
     modality = jnp.where(token_mask.astype(bool), jnp.where(is_image, IMAGE, TEXT), PAD)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, modality=modality,
-                    train=train, dispatch=dispatch, cache=cache, rng=rng)
+                    train=train, dispatch=dispatch, cache=cache, rng=rng,
+                    guide_mask=guide_mask)

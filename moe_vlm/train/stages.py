@@ -5,7 +5,10 @@
 - stage 3: the model is upcycled (experts copied from the stage-2 FFNs, fresh routers)
   and, by default, only the MoE layers train - the paper's "experts + routers" preset.
   `moe_llava_code` reproduces what the reference code really trains: every FFN (experts,
-  routers and the dense FFNs of non-MoE layers) plus the projector.
+  routers and the dense FFNs of non-MoE layers) plus the projector. `lora_experts` is
+  Awaker2.5-VL's stage: only the LoRA experts and their routers (the base stays frozen).
+HyperLLaVA's experts live under `projector.` (visual) and `llm.` (language), so stage 1
+trains the visual expert with the projector and stage 2 the language expert with the LLM.
 The vision tower is frozen in every stage; a selection that matches nothing fails.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
-PRESETS = ("projector", "projector_llm", "moe_layers", "moe_llava_code")
+PRESETS = ("projector", "projector_llm", "moe_layers", "moe_llava_code", "lora_experts")
 
 
 class StageConfigError(ValueError):
@@ -35,6 +38,7 @@ def trainable_fn(preset: str, extra_modules: Sequence[str] = ()) -> Callable[[st
       "projector_llm": lambda n: n.startswith(("projector.", "llm.")),
       "moe_layers": _is_moe,
       "moe_llava_code": lambda n: _is_ffn(n) or n.startswith("projector."),
+      "lora_experts": lambda n: ".lora_mlp." in n or ".lora_attn." in n,
   }
   if preset not in rules:
     raise StageConfigError(f"stage train preset {preset!r}: expected one of {PRESETS}")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moe_vlm.models.adapters import prompt_mask
 from moe_vlm.models.params import ParamCodec, Params
 from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.train.optim import OptimConfig, make_optimizer, schedule
@@ -77,8 +78,10 @@ def make_loss_fn(codec: ParamCodec, cfg: StepConfig):
   def loss_fn(params: Params, frozen: Params, batch: Batch, num_targets: jax.Array,
               rng: jax.Array):
     model = codec.merge({**frozen, **params})
+    # Per-sample guidance (HyperLLaVA, Awaker instance routing) reads only the prompt.
+    guide = prompt_mask(batch["attention_mask"], batch["loss_mask"])
     logits, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                        train=True, dispatch=cfg.dispatch, rng=rng)
+                        train=True, dispatch=cfg.dispatch, rng=rng, guide_mask=guide)
     ce_sum, n = token_loss(logits, batch["input_ids"], batch["loss_mask"])
     ce = ce_sum / jnp.maximum(num_targets, 1.0)
     total = ce + cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]

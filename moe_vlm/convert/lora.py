@@ -1,0 +1,62 @@
+"""Folding Awaker-style LoRA experts into dense weights, where routing allows it.
+
+With instance routing every token of a sample uses the same expert weights, so for a
+given sample (or any fixed routing) the experts collapse into one kernel delta per
+projection: W = W0 + s * (sum_i g_i B_i A_i + (1 - sum g) B_g A_g). The merged model is
+a plain dense VLM that `export_vlm` writes as LLaVA. Per-token routing changes the
+weights from token to token and cannot be merged; such a model stays in our format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_vlm.models.config import ConfigError
+from moe_vlm.models.params import ParamCodec
+from moe_vlm.models.vlm import VLM
+
+
+def instance_guide(model: VLM, input_ids: np.ndarray, pixel_values: np.ndarray | None,
+                   prompt_mask: np.ndarray) -> jax.Array:
+  """The instance router's input for one batch: the mean embedding-layer output (image
+  features spliced in) over each row's prompt -> [B, D]."""
+  from moe_vlm.models.adapters import masked_mean
+  from moe_vlm.models.vlm import splice_image_features
+
+  ids = jnp.asarray(input_ids)
+  embeds = model.llm.embed_tokens(ids)
+  if pixel_values is not None:
+    embeds = splice_image_features(embeds, model.image_features(jnp.asarray(pixel_values)),
+                                   ids == model.cfg.image_token_id)
+  return masked_mean(embeds, jnp.asarray(prompt_mask))
+
+
+def merge_lora_experts(model: VLM, guide: jax.Array) -> VLM:
+  """A dense VLM (no LoRA) equal to `model` on every sample whose instance guide is
+  `guide` [D] (see `instance_guide`)."""
+  lm = model.cfg.text.lora_moe
+  if lm is None:
+    raise ConfigError("merge_lora_experts: the model has no LoRA experts (text.lora_moe)")
+  if lm.routing != "instance":
+    raise ConfigError("merge_lora_experts: lora_moe.routing='token' routes every token "
+                      "differently, so the experts cannot be folded into one dense weight; "
+                      "keep the model in moe_vlm's format (or train with routing='instance')")
+  cfg = dataclasses.replace(model.cfg, text=dataclasses.replace(model.cfg.text, lora_moe=None))
+  params = ParamCodec(model).flatten(model)
+  merged = {k: v for k, v in params.items() if ".lora_" not in k}
+  for i, block in enumerate(model.llm.layers):
+    for group, owner in ((block.lora_mlp, "mlp"), (block.lora_attn, "attn")):
+      if group is None:
+        continue
+      weights, shared = group.route(jnp.asarray(guide)[None])
+      for name in group.names:
+        key = f"llm.layers.{i}.{owner}.{name}.kernel"
+        delta = group.merged(name, weights[0], None if shared is None else shared[0])
+        merged[key] = (merged[key] + delta).astype(merged[key].dtype)
+  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
+  return codec.merge(merged)
