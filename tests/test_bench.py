@@ -29,7 +29,8 @@ def test_tiny_benchmark_prints_ratio_and_mfu_lines():
     m = RATIO.match(line)
     if m:
       ratios[(m.group(1), m.group(2))] = _positive(m.group(3))
-  expected = {(name, mode) for name in ("moe_dropless", "moe_capacity1.5", "moe_capacity2.0")
+  expected = {(name, mode) for name in ("moe_dropless", "moe_dropless_blocked",
+                                        "moe_capacity1.5", "moe_capacity2.0")
               for mode in ("fwd+bwd", "fwd")}
   assert set(ratios) == expected, "\n".join(lines)
   # Optional figure: printed as "n/a (reason)" if the layer's internals moved.

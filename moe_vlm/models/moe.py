@@ -10,9 +10,10 @@ Semantics follow MoE-LLaVA (DeepSpeed 0.9.5 top-2 gating) where it defines them:
 - aux loss = mean(me * ce) * E^2 with me the mean router probability and ce the
   fraction of tokens whose top-1 is the expert, measured before dropping.
 
-Dispatch uses index arithmetic (scatter into an [E, C, D] buffer, or sort + ragged_dot
-for the dropless path) instead of DeepSpeed's one-hot einsums, whose cost grows as
-S^2 x E.
+Dispatch uses index arithmetic (scatter into an [E, C, D] buffer, or sort + a grouped
+matmul for the dropless path) instead of DeepSpeed's one-hot einsums, whose cost grows
+as S^2 x E. The grouped matmul is `jax.lax.ragged_dot` on TPU/GPU and the blocked
+kernel of `moe_vlm.models.gmm` on CPU (`moe.gmm_impl`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_vlm.models import gmm
 from moe_vlm.models.config import MoEConfig
 from moe_vlm.models.layers import activation, default_kernel_init, param, torch_linear_init
 from moe_vlm.parallel.mesh import constrain, current_mesh
@@ -49,10 +51,14 @@ class Experts(nnx.Module):
 
   def __init__(self, num_experts: int, hidden: int, intermediate: int, *, kind: str,
                activation_name: str, use_bias: bool, rngs: nnx.Rngs,
-               dtype: str = "float32", param_dtype: str = "float32"):
+               dtype: str = "float32", param_dtype: str = "float32",
+               gmm_impl: str = "auto", gmm_block_size: int = gmm.DEFAULT_BLOCK_SIZE):
     e, d, f = num_experts, hidden, intermediate
     init, zeros = default_kernel_init, nnx.initializers.zeros
     self.kind = kind
+    gmm.resolve_impl(gmm_impl)  # fail on a bad name now, not at the first dropless call
+    # "auto" is resolved when traced, against the backend the program is built for.
+    self.gmm_impl, self.gmm_block_size = gmm_impl, gmm_block_size
     self.act = activation(activation_name)
     self.dtype = jnp.dtype(dtype)
     if kind == "gated":
@@ -88,9 +94,13 @@ class Experts(nnx.Module):
                      lambda b: b[:, None, :])
 
   def grouped(self, x: Array, group_sizes: Array, expert_of_row: Array) -> Array:
-    """x [N, D] sorted by expert, `group_sizes` [E] rows each -> [N, D] (dropless)."""
-    return self._ffn(x, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes),
-                     lambda b: b[expert_of_row])
+    """x [N, D] sorted by expert, `group_sizes` [E] rows each -> [N, D] (dropless).
+
+    Rows past sum(group_sizes) give zeros from the matmuls (biases aside).
+    """
+    matmul = lambda a, w: gmm.grouped_matmul(a, w, group_sizes, impl=self.gmm_impl,
+                                             block_size=self.gmm_block_size)
+    return self._ffn(x, matmul, lambda b: b[expert_of_row])
 
 
 def top_k_gating(logits: Array, k: int) -> tuple[Array, Array, Array]:
@@ -218,7 +228,8 @@ class MoE(nnx.Module):
     self.router = Router(hidden, cfg.num_experts, rngs=rngs)
     self.experts = Experts(cfg.num_experts, hidden, cfg.expert_intermediate_size or intermediate,
                            kind=kind, activation_name=activation_name, use_bias=use_bias,
-                           rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                           rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                           gmm_impl=cfg.gmm_impl, gmm_block_size=cfg.gmm_block_size)
 
   def __call__(self, x: Array, modality: Optional[Array] = None, *, train: bool = False,
                dispatch: Optional[str] = None,

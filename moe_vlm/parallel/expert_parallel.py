@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from moe_vlm.models import gmm
 from moe_vlm.models import moe as moe_lib
 from moe_vlm.parallel.mesh import BATCH_AXES, MeshError, axis_size, current_mesh
 
@@ -234,14 +235,17 @@ def exchange_ragged(rows: Array, send_sizes: Array, recv_counts: Array,
 def run_local_experts(experts: moe_lib.Experts, ex: Exchange, experts_per_shard: int) -> Array:
   """Sort received rows by local expert, one grouped matmul per weight, unsort.
 
-  Padding rows join the last group: ragged_dot then has defined semantics everywhere,
-  and their outputs are never read back (so they receive no gradient either).
+  For ragged_dot, padding rows join the last group, so that it has defined semantics
+  everywhere; the blocked gmm gives rows past the groups zeros and skips them, which
+  matters here because the fixed exchange's buffer is mostly padding. Either way
+  their outputs are never read back (so they receive no gradient either).
   """
   m = ex.rows.shape[0]
   order = jnp.argsort(ex.local_expert, stable=True)
   expert = ex.local_expert[order]
   group_sizes = jnp.bincount(expert, length=experts_per_shard).astype(jnp.int32)
-  group_sizes = group_sizes.at[-1].add(m - jnp.sum(group_sizes))
+  if gmm.resolve_impl(experts.gmm_impl) == "ragged_dot":
+    group_sizes = group_sizes.at[-1].add(m - jnp.sum(group_sizes))
   out = experts.grouped(ex.rows[order], group_sizes, jnp.minimum(expert, experts_per_shard - 1))
   return jnp.zeros_like(out).at[order].set(out, unique_indices=True)
 
