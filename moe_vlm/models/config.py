@@ -478,6 +478,7 @@ def from_dict(cls: type, d: Mapping[str, Any], field: str = "") -> Any:
   """A config dataclass from plain data (JSON, ml_collections): nested configs are
   rebuilt by their type hints and lists become tuples; unknown keys are an error."""
   hints = typing.get_type_hints(cls)
+  d = dict(d)
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - names)
   if unknown:
@@ -491,7 +492,7 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
     return None
   if typing.get_origin(tp) in (typing.Union, types.UnionType):
     tp = next(a for a in typing.get_args(tp) if a is not type(None))
-  if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+  if dataclasses.is_dataclass(tp) and hasattr(value, "keys"):  # dict or ConfigDict
     return from_dict(tp, value, field)
   if typing.get_origin(tp) is tuple and isinstance(value, (list, tuple)):
     return tuple(value)

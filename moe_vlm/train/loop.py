@@ -29,6 +29,7 @@ from flax import nnx
 from moe_vlm.data import pipeline as pipeline_lib
 from moe_vlm.data import synthetic, tokenizer as tokenizer_lib
 from moe_vlm.data.llava import LlavaJsonSource
+from moe_vlm.models import config as config_lib
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
@@ -79,16 +80,28 @@ def model_config(c: ml_collections.ConfigDict, tokenizer: Any) -> VLMConfig:
   else:
     if not text_cfg.get("vocab_size"):
       text_cfg["vocab_size"] = -(-len(tokenizer) // 64) * 64  # padded: shards evenly
-    text = TextConfig(**text_cfg)
+    text = config_lib.from_dict(TextConfig, text_cfg, "model.text")
   if c.init.hf_vision:
     vision = hf.vision_config_from_hf(_vision_part(hf.load_hf_config(c.init.hf_vision)),
                                       c.model.vision.get("dtype", "float32"))
   else:
     vision = VisionConfig(**dict(c.model.vision))
+  if c.init.hf_llm and c.model.text.get("language_expert"):
+    text = dataclasses.replace(text, language_expert=config_lib.from_dict(
+        config_lib.HyperExpertConfig, dict(c.model.text.language_expert),
+        "model.text.language_expert"))
+  # Optional parts of the other seed designs (absent keys keep the MoE-LLaVA defaults).
+  optional = {}
+  if c.model.get("perceiver"):
+    optional["perceiver"] = config_lib.from_dict(config_lib.PerceiverConfig,
+                                                 dict(c.model.perceiver), "model.perceiver")
+  if c.model.get("visual_expert"):
+    optional["visual_expert"] = config_lib.from_dict(
+        config_lib.HyperExpertConfig, dict(c.model.visual_expert), "model.visual_expert")
   return VLMConfig(vision=vision, text=text, projector=c.model.projector,
                    vision_feature_layer=c.model.vision_feature_layer,
                    vision_feature_select_strategy=c.model.vision_feature_select_strategy,
-                   image_token_id=ensure_image_token(tokenizer, text.vocab_size))
+                   image_token_id=ensure_image_token(tokenizer, text.vocab_size), **optional)
 
 
 def _vision_part(hf_config: Any) -> Any:
@@ -103,8 +116,43 @@ def moe_config(c: ml_collections.ConfigDict) -> MoEConfig:
   return MoEConfig(**moe)
 
 
+# What stage 3 adds to the stage-2 model (`c.stage3_kind`): MoE-LLaVA's upcycled MoE
+# layers, Awaker2.5-VL's LoRA experts on the frozen model (`c.lora_moe`), or nothing
+# (HyperLLaVA is a two-stage method: run stages 1-2).
+STAGE3_KINDS = ("moe", "lora")
+
+
+def stage3_kind(c: ml_collections.ConfigDict) -> str:
+  kind = c.get("stage3_kind", "moe")
+  if kind not in STAGE3_KINDS:
+    raise ValueError(f"stage3_kind={kind!r}: expected one of {STAGE3_KINDS}")
+  return kind
+
+
+def lora_moe_config(c: ml_collections.ConfigDict) -> config_lib.LoRAMoEConfig:
+  if not c.get("lora_moe"):
+    raise ValueError("stage3_kind='lora' needs a `lora_moe` config block")
+  return config_lib.from_dict(config_lib.LoRAMoEConfig, dict(c.lora_moe), "lora_moe")
+
+
 def stage_model_config(c: ml_collections.ConfigDict, dense: VLMConfig, k: int) -> VLMConfig:
-  return with_moe(dense, moe_config(c)) if k == 3 else dense
+  if k != 3:
+    return dense
+  if stage3_kind(c) == "lora":
+    return dataclasses.replace(dense, text=dataclasses.replace(
+        dense.text, lora_moe=lora_moe_config(c)))
+  return with_moe(dense, moe_config(c))
+
+
+def add_new_params(params: dict, cfg: VLMConfig, seed: int) -> dict[str, np.ndarray]:
+  """`params` completed with freshly initialised parameters for what `cfg` adds (e.g.
+  LoRA experts, whose zero B keeps the model's function unchanged)."""
+  fresh = VLM(cfg, rngs=nnx.Rngs(seed))
+  full = ckpt_lib.to_host(ParamCodec(fresh).flatten(fresh))
+  unknown = sorted(set(params) - set(full))
+  if unknown:
+    raise ValueError(f"parameters {unknown[:3]} do not exist in the new model config")
+  return {**full, **{k: np.asarray(v) for k, v in params.items()}}
 
 
 def prepare_data(c: ml_collections.ConfigDict, workdir: str) -> tuple[str, Any]:
@@ -470,7 +518,10 @@ def train(c: ml_collections.ConfigDict, workdir: str, stages: Sequence[int] = (1
     elif k == 2:
       init = lambda: previous(2)
     elif k == 3:
-      init = lambda: upcycle_params(previous(3), dense_cfg, moe_config(c), c.seed)
+      if stage3_kind(c) == "lora":
+        init = lambda: add_new_params(previous(3), stage_model_config(c, dense_cfg, 3), c.seed)
+      else:
+        init = lambda: upcycle_params(previous(3), dense_cfg, moe_config(c), c.seed)
     else:
       raise ValueError(f"stage {k}: MoE-Tuning has stages 1, 2 and 3")
     results[k] = run_stage(k, c, workdir, dense_cfg, tokenizer, data_dir, mesh, init,
