@@ -30,8 +30,13 @@ setup(
     extras_require={
         # CPU PyTorch for parity tests and export checks (2.13.0 is on the machine's disk).
         "torch": ["torch==2.13.0", "safetensors>=0.4"],
+        # gs:// workdirs: etils.epath reaches GCS through fsspec/gcsfs (without TensorFlow),
+        # tensorboardX through google-cloud-storage (launch/setup.sh installs this extra).
+        "gcs": ["gcsfs>=2025.3", "google-cloud-storage>=2.14"],
         "dev": ["torch==2.13.0", "safetensors>=0.4", "pytest>=8", "portpicker>=1.6",
-                "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
+                "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
+                # tests/test_gcs.py: gs:// workdirs against a local GCS emulator
+                "gcsfs>=2025.3", "google-cloud-storage>=2.14", "gcp-storage-emulator>=2024.8"],
     },
     entry_points={"console_scripts": ["moe-vlm=moe_vlm.cli:main"]},
 )

@@ -16,7 +16,7 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 QUEUED=0 WAIT=0 SPOT=0 RESERVED=0 CREATE_BUCKET=0 VALID_UNTIL="" POLL_SECONDS=30
 while (($#)); do

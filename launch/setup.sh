@@ -8,7 +8,8 @@
 # Without --repo the local checkout is packed (no .git, .venv, runs) and copied to each
 # worker. The TPU images ship Python 3.10 while jax >= 0.7 needs 3.11+, so `uv` installs
 # a standalone Python (--python, default 3.12) into ~/REMOTE_DIR/.venv, then
-# `pip install -e REMOTE_DIR "jax[tpu]"`. Flags (besides the common ones):
+# `pip install -e "REMOTE_DIR[gcs]" "jax[tpu]"` (the gcs extra: gcsfs and
+# google-cloud-storage, which gs:// workdirs need). Flags (besides the common ones):
 #   --repo URL           git clone URL on the workers instead of copying this checkout
 #   --ref REF            branch, tag or commit to check out with --repo (default: main)
 #   --remote-dir DIR     install directory under the workers' home (default: moe_vlm)
@@ -21,7 +22,7 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 REPO="" REF="main" REMOTE_DIR="moe_vlm" JAX_VERSION="" PY_VERSION="3.12" CHECK=1
 SYNCS=()
@@ -76,7 +77,7 @@ STEPS+=(
   "command -v uv >/dev/null || python3 -m pip install --quiet --user uv || curl -LsSf https://astral.sh/uv/install.sh | sh"
   "export PATH=\$HOME/.local/bin:\$PATH"
   "[ -x $DIR/.venv/bin/python ] || uv venv --quiet --python $(shell_quote "$PY_VERSION") $DIR/.venv"
-  "uv pip install --quiet --python $DIR/.venv/bin/python -e $DIR $(shell_quote "$JAX_REQ")"
+  "uv pip install --quiet --python $DIR/.venv/bin/python -e $DIR$(shell_quote "[gcs]") $(shell_quote "$JAX_REQ")"
 )
 for sync in ${SYNCS[@]+"${SYNCS[@]}"}; do
   src="${sync%%=*}" dst="${sync#*=}"

@@ -31,7 +31,7 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 
 CONFIG="configs/moe_llava.py:phi2" STAGE="all" RUN_NAME="" TOPOLOGY_NAME="" WORKDIR=""
 BATCH_SIZES="256,128,128" REMOTE_DIR="moe_vlm" STOP_TIMEOUT=600

@@ -160,7 +160,7 @@ def test_setup_copies_the_checkout_and_installs_on_every_worker():
   assert ["[", "-x", "~/moe_vlm/.venv/bin/python", "]", "||", "uv", "venv", "--quiet",
           "--python", "3.12", "~/moe_vlm/.venv"] in steps
   assert ["uv", "pip", "install", "--quiet", "--python", "~/moe_vlm/.venv/bin/python", "-e",
-          "~/moe_vlm", "jax[tpu]==0.10.2"] in steps
+          "~/moe_vlm[gcs]", "jax[tpu]==0.10.2"] in steps
   assert ["gcloud", "storage", "rsync", "--recursive", "gs://b/moe-llava",
           "/data/moe-llava"] in steps
   assert ["gcloud", "storage", "rsync", "--recursive", "gs://b/ckpt", "/ckpt"] in steps
