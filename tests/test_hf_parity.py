@@ -611,3 +611,20 @@ def test_unknown_text_family_raises_naming_supported(config_cls):
   assert config_cls().model_type in msg
   for family in ("llama", "qwen2", "qwen2_moe", "phi", "stablelm"):
     assert family in msg
+
+
+def test_siglip_image_size_not_a_multiple_of_the_patch():
+  """siglip-so400m-patch14-384 style: 384 px / 14 px patches; the conv drops the rest."""
+  config = transformers.SiglipVisionConfig(**dict(_VISION, image_size=32),
+                                           num_hidden_layers=2)
+  torch.manual_seed(0)
+  hf_model = transformers.SiglipVisionModel(config).eval()
+  _randomize(hf_model, seed=7)
+  ours = hf.import_vision(_state(hf_model), config)
+  assert ours.cfg.num_patches == 4
+  px = np.random.RandomState(5).randn(2, 3, 32, 32).astype(np.float32)
+  ref = _hf_hidden(hf_model, px)
+  got = ours(_nhwc(px))
+  assert got[-1].shape == (2, 4, 32)
+  for a, b in zip(got, ref):
+    assert _maxdiff(a, b) < TOL

@@ -358,9 +358,11 @@ class VisionConfig:
   def validate(self) -> None:
     if self.variant not in ("clip", "siglip"):
       raise ConfigError(f"vision.variant={self.variant!r}: expected 'clip' or 'siglip'")
-    if self.image_size % self.patch_size:
+    # Not a multiple is fine: the stride-p VALID conv drops the remainder, as HF does
+    # (siglip-so400m-patch14-384: 384 px -> 27 x 27 patches).
+    if self.image_size < self.patch_size:
       raise ConfigError(
-          f"vision.image_size={self.image_size} is not a multiple of "
+          f"vision.image_size={self.image_size} is smaller than "
           f"vision.patch_size={self.patch_size}")
     if self.hidden_size % self.num_heads:
       raise ConfigError(
