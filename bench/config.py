@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from moe_vlm.convert import hf
+from moe_vlm.models import gmm
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
@@ -150,20 +151,29 @@ def train_step_flops(cfg: VLMConfig, batch: int, seq: int) -> dict[str, float]:
       + layers_run * 4.0 * batch * n_pos * n_pos * vd)
   out["total"] = sum(out.values())
   # What XLA executes on top of that in the expert FFNs ("executed rows" x FFN weights):
-  # - dropless: ragged_dot has no XLA:CPU kernel and is lowered densely (jax
+  # - dropless, gmm_impl "ragged_dot": no XLA:CPU kernel, lowered densely (jax
   #   `_ragged_dot_general_impl`): each of the k*T sorted rows meets all E experts'
   #   weights under a mask, E x the useful FLOPs, forward and backward alike (TPU
   #   lowers it to a grouped matmul and executes ~1 x);
   # - capacity: every slot of the [E, C] buffers is computed, filled or not:
   #   E * C * groups rows instead of k*T, about capacity_factor x.
+  # - dropless with the blocked gmm (moe.gmm_impl "auto" on CPU, moe_vlm.models.gmm):
+  #   k*T rows plus fewer than gmm_block_size padding rows per expert, data-dependent
+  #   and left out. XLA's cost_analysis counts a while loop's body once, so of each
+  #   expert matmul (forward, and its two backward products) it sees only one block of
+  #   min(block, k*T) rows: 6 * n_moe * (k*T - min(block, k*T)) * expert_ffn_w of the
+  #   active FLOPs are missing from XLA's figure (none at the --tiny sizes).
   if t.moe:
-    if t.moe.dispatch == "dropless":
-      rows = t.moe.num_experts * t.moe.top_k * tokens
+    active = t.moe.top_k * tokens
+    if t.moe.dispatch == "dropless" and gmm.resolve_impl(t.moe.gmm_impl) == "blocked":
+      rows = active
+    elif t.moe.dispatch == "dropless":
+      rows = t.moe.num_experts * active
     else:
       group = t.moe.group_size or batch
       cap = t.moe.capacity(group * seq, train=True)
       rows = t.moe.num_experts * cap * (batch // group)
-    out["executed_extra"] = 6.0 * n_moe * (rows - t.moe.top_k * tokens) * expert_ffn_w
+    out["executed_extra"] = 6.0 * n_moe * (rows - active) * expert_ffn_w
   return out
 
 

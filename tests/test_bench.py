@@ -57,5 +57,18 @@ def test_flop_formula_counts_active_experts_only():
       moe_layer.vlm_config(dataclasses.replace(moe_layer.FULL, top_k=3)), 8, 256)
   added = more["decoder matmuls (6*W*T)"] - f["decoder matmuls (6*W*T)"]
   assert added == 6 * len(t.moe_layers()) * 3 * d * ff * tokens
-  # Dropless on CPU executes every row against all E experts: (E - 1) x the active term.
-  assert f["executed_extra"] == 6 * len(t.moe_layers()) * (4 - 1) * 2 * tokens * 3 * d * ff
+  # Dropless with ragged_dot (dense on CPU) executes every row against all E experts,
+  # (E - 1) x the active term beyond it; the blocked gmm executes the active rows only
+  # (its padding is data-dependent and left out). Model FLOPs are the same.
+  dense, blocked = (train_step_flops_with(cfg, gmm_impl=impl) for impl in ("ragged_dot",
+                                                                           "blocked"))
+  assert dense["executed_extra"] == 6 * len(t.moe_layers()) * (4 - 1) * 2 * tokens * 3 * d * ff
+  assert blocked["executed_extra"] == 0
+  assert dense["total"] == blocked["total"] == f["total"]
+
+
+def train_step_flops_with(cfg, **moe):
+  """The formula for `cfg` with MoE config fields replaced."""
+  t = cfg.text
+  text = dataclasses.replace(t, moe=dataclasses.replace(t.moe, **moe))
+  return moe_layer.train_step_flops(dataclasses.replace(cfg, text=text), 8, 256)
