@@ -18,6 +18,11 @@ from tests.tiny import IMAGE_TOKEN, LLAMA, vlm_config
 
 TEXT = dataclasses.replace(LLAMA, num_layers=2)
 MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (2, 2, 2, 1), (2, 1, 1, 4), (1, 2, 2, 2)]
+# (data, fsdp, model, expert) meshes each dispatch is compared on, against one device:
+# together they cover every axis, and each dispatch meets expert sharding (compiling
+# every mesh for both would double the slowest test of the suite for no new layout).
+MESHES_OF = {"dropless": [(2, 2, 2, 1), (1, 2, 2, 2)],
+             "capacity": [(8, 1, 1, 1), (2, 1, 1, 4)]}
 STEP = step_lib.StepConfig(optim=OptimConfig(learning_rate=1e-3, warmup_ratio=0.0,
                                              total_steps=10))
 
@@ -66,7 +71,7 @@ def test_every_mesh_gives_the_same_step(dispatch):
     assert ref["moe/dropped_fraction"].max() > 0  # the comparison covers real drops
   moved = max(np.abs(ref_state.params[k] - params[k]).max() for k in ref_state.params)
   assert moved > 1e-4  # the step really updated the parameters
-  for shape in MESHES[1:]:
+  for shape in MESHES_OF[dispatch]:
     state, m = _run(codec, params, batch, shape)
     np.testing.assert_allclose(m["loss"], ref["loss"], atol=1e-5, err_msg=str(shape))
     np.testing.assert_allclose(m["aux_loss"], ref["aux_loss"], atol=1e-5)
