@@ -167,6 +167,8 @@ def train_step_flops(cfg: VLMConfig, batch: int, seq: int) -> dict[str, float]:
     active = t.moe.top_k * tokens
     if t.moe.dispatch == "dropless" and gmm.resolve_impl(t.moe.gmm_impl) == "blocked":
       rows = active
+      out["xla_uncounted"] = (6.0 * n_moe * (active - min(t.moe.gmm_block_size, active))
+                              * expert_ffn_w)
     elif t.moe.dispatch == "dropless":
       rows = t.moe.num_experts * active
     else:

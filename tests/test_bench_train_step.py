@@ -5,6 +5,7 @@ numbers, and that JAX and PyTorch start from the same loss, are checked, never a
 timing threshold.
 """
 
+import dataclasses
 import math
 import re
 
@@ -78,12 +79,28 @@ def test_tiny_mfu_benchmark_prints_mfu_peak_and_xla_check():
   xla = [m for m in map(XLA.match, lines) if m]
   assert len(xla) == 1, text
   xla_gflop, formula_over_xla = _positive(xla[0].group(1)), _positive(xla[0].group(2))
+  assert math.isclose(results["xla_flops"] / 1e9, xla_gflop, abs_tol=0.006)
   cfg = config.vlm_config(config.TINY)
   f = config.train_step_flops(cfg, config.TINY.batch, config.TINY.seq)
-  # XLA executes at least the model FLOPs; with the dense-ragged_dot extra it agrees
-  # closely (the remainder is element-wise work the formula leaves out).
-  assert formula_over_xla < 1.0
-  assert 0.9 < (f["total"] + f["executed_extra"]) / (xla_gflop * 1e9) <= 1.0
+  # With the expert FLOPs XLA executes beyond the active ones (dense ragged_dot) or
+  # does not count (blocked gmm's loops) the formula agrees closely with XLA (the
+  # remainder is element-wise work the formula leaves out).
+  xla_flops = results["xla_flops"] + f.get("xla_uncounted", 0.0)
+  assert 0.9 < (f["total"] + f["executed_extra"]) / xla_flops <= 1.0
+  assert math.isclose(formula_over_xla, f["total"] / results["xla_flops"], abs_tol=0.0006)
   assert math.isclose(results["mfu"] * 100, got[0], abs_tol=0.06)
   assert math.isclose(results["peak_flops"] / 1e9, peak[0], rel_tol=0.01)
   assert results["model_flops"] == f["total"]
+
+
+def test_flop_formula_adds_back_what_xla_does_not_count_in_the_blocked_gmm():
+  cfg = config.vlm_config(config.TINY)
+  t = cfg.text
+  moe = dataclasses.replace(t.moe, gmm_impl="blocked", gmm_block_size=8)
+  f = config.train_step_flops(dataclasses.replace(cfg, text=dataclasses.replace(t, moe=moe)),
+                              config.TINY.batch, config.TINY.seq)
+  rows = t.moe.top_k * config.TINY.batch * config.TINY.seq  # 128 routed rows per layer
+  # XLA sees one 8-row block of each expert matmul (forward and both backward products).
+  per_row = 6 * 3 * t.hidden_size * t.intermediate_size
+  assert f["xla_uncounted"] == len(t.moe_layers()) * (rows - 8) * per_row
+  assert f["executed_extra"] == 0
