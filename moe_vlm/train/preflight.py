@@ -85,6 +85,16 @@ def compile_train_step(cfg: VLMConfig, mesh: Mesh, *, batch_size: int, seq_len: 
                        step_cfg: step_lib.StepConfig = step_lib.StepConfig(),
                        rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES):
   """The loop's jitted train step, lowered and compiled on abstract state and batch."""
+  return lower_train_step(cfg, mesh, batch_size=batch_size, seq_len=seq_len, train=train,
+                          extra_modules=extra_modules, step_cfg=step_cfg, rules=rules).compile()
+
+
+def lower_train_step(cfg: VLMConfig, mesh: Mesh, *, batch_size: int, seq_len: int,
+                     train: str = "projector_llm", extra_modules: Sequence[str] = (),
+                     step_cfg: step_lib.StepConfig = step_lib.StepConfig(),
+                     rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES):
+  """`compile_train_step` before `.compile()`: tracing is serial (the activation-sharding
+  context is global), XLA compilation of several lowered steps may run in parallel."""
   mesh_lib.check_model_fits_mesh(cfg, mesh, batch_size)
   if batch_size % step_cfg.grad_accum:
     raise ValueError(f"batch {batch_size} is not divisible by grad_accum "
@@ -98,7 +108,7 @@ def compile_train_step(cfg: VLMConfig, mesh: Mesh, *, batch_size: int, seq_len: 
   batch = abstract_batch(cfg, batch_size, seq_len)
   fn = step_lib.jit_train_step(step_lib.make_train_step(codec, step_cfg, tx), mesh,
                                shardings, batch, rules)
-  return fn.lower(state, batch).compile()
+  return fn.lower(state, batch)
 
 
 def memory_report(compiled) -> MemoryReport:

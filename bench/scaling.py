@@ -1,0 +1,931 @@
+"""How per-device memory and collective traffic grow with devices and experts.
+
+For each parallel layout of the real train step (pure data parallel, FSDP, tensor
+(`model`) parallel, expert parallel through GSPMD or shard_map, and combinations) at
+2/4/8 devices and for E = 4 and 8 experts, the step is lowered on abstract state
+(`jax.ShapeDtypeStruct`s: no weight is ever allocated) and compiled, and two things are
+read from the compiled program:
+
+- per-device memory from `compiled.memory_analysis()` (arguments, outputs, temporaries,
+  and the peak `preflight.MemoryReport.total`), next to the per-device bytes of the
+  train state computed from its shardings;
+- the collectives in the compiled (post-SPMD-partitioning) HLO text, per kind: count,
+  operand and result bytes, and the bytes each device sends under ring algorithms
+  (see `parse_collectives` for exactly what is counted).
+
+  python -m bench.scaling                  # StableLM-2-1.6B x4 shapes, 2 decoder layers
+  python -m bench.scaling --tiny           # 5 layouts of a tiny model (tests run this)
+  python -m bench.scaling --paper-estimate # FLOPs / step time / MFU on TPU v5e and v5p
+
+The default model has every dimension of MoE-LLaVA-StableLM-1.6Bx4 (config.json values
+of its checkpoints, through the HF importer), but only 2 of its 24 decoder layers (one
+MoE and one dense: the repeating pair of the "sparse" mode) and 2 of CLIP's 24 layers,
+because each compile takes ~10 s of CPU; per-layer bytes scale linearly with depth, the
+embeddings, lm_head and the rest do not. `--layers` / `--vision-layers` change that.
+The collectives are also predicted by `ici_bytes`, the formula of the TPU estimate, so
+the table checks the estimate's communication model against what XLA really emits.
+
+Run as a script it asks XLA for 8 simulated CPU devices (before jax is imported).
+`--paper-estimate` compiles nothing: it is arithmetic on the real configs (see
+`paper_estimate`), printed so that every figure in BENCHMARKS.md can be reproduced.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+  # Before jax is imported: 8 simulated devices; LLVM optimisation off because only the
+  # HLO (partitioning, buffer assignment) is inspected, never run.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  for _flag in ("--xla_force_host_platform_device_count=8",
+                "--xla_backend_optimization_level=0"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+import argparse
+import dataclasses
+import functools
+import math
+import re
+import time
+import types
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from bench import common
+from configs import topologies
+from moe_vlm.convert import hf
+from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
+from moe_vlm.parallel import mesh as mesh_lib
+from moe_vlm.train import preflight, stages as stages_lib
+
+MiB, GiB = 1024 ** 2, 1024 ** 3
+
+# ------------------------------------------------------------------ HLO collectives
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_OPCODES = KINDS + ("ragged-all-to-all",)
+
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+    "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+    "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
+    "f8e4m3b11fnuz": 1, "f8e3m4": 1, "f4e2m1fn": 0.5, "f8e8m0fnu": 1,
+}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) +
+                    r")\[([0-9,]*)\]")
+# `%name = <shape> <opcode>(<operands>)<attributes>`; the shape may be a tuple with spaces.
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def array_bytes(shape: str) -> float:
+  """Bytes of every array in an HLO shape string (a tuple counts all its elements)."""
+  return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
+             for dt, dims in _ARRAY.findall(shape))
+
+
+def _split_call(rest: str) -> tuple[str, str]:
+  """`a, b), attrs` -> (`a, b`, `attrs`): the operand list up to its closing paren."""
+  depth = 0
+  for i, ch in enumerate(rest):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      if depth == 0:
+        return rest[:i], rest[i + 1:]
+      depth -= 1
+  return rest, ""
+
+
+def _operands(text: str) -> list[str]:
+  out, depth, cur = [], 0, ""
+  for ch in text:
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    if ch == "," and depth == 0:
+      out.append(cur.strip())
+      cur = ""
+    else:
+      cur += ch
+  if cur.strip():
+    out.append(cur.strip())
+  return out
+
+
+def group_size(attrs: str, num_devices: int) -> int:
+  """Devices per replica group, from any of XLA's `replica_groups` spellings:
+  `{{0,1},{2,3}}`, iota `[2,4]<=[8]` (groups x size), and the mesh form
+  `mesh['axis_0'=4,'axis_1'=2] {'axis_0'}` (the product of the named axes). An empty or
+  missing list means all devices."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
+  if m:
+    sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+    return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", m.group(2)))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
+  if m:
+    return len([x for x in m.group(1).split(",") if x.strip()])
+  return num_devices
+
+
+def _permute_fraction(attrs: str) -> float:
+  """Share of `source_target_pairs` that really move data (source != target)."""
+  pairs = re.findall(r"\{(\d+),(\d+)\}", attrs.split("source_target_pairs=", 1)[-1])
+  return sum(a != b for a, b in pairs) / len(pairs) if pairs else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+  """One collective instruction; bytes per device (SPMD: every device runs the same)."""
+  kind: str             # one of KINDS
+  opcode: str           # as printed (all-gather-start, ragged-all-to-all, ...)
+  shape: str            # result shape
+  operand_bytes: float
+  result_bytes: float
+  group: int            # devices per replica group
+  wire_bytes: float     # what a device sends under ring algorithms
+  in_loop: bool         # inside a while body: runs once per iteration
+  op_name: str          # jax source op from the metadata, for reading the figures
+  dtypes: tuple[tuple[str, float], ...]  # payload bytes per element type
+
+  @property
+  def payload(self) -> float:
+    """The larger of operand and result: the full buffer of an all-gather (its result)
+    or reduce-scatter (its operand); all-reduce, all-to-all and permute have equal ones."""
+    return max(self.operand_bytes, self.result_bytes)
+
+
+@dataclasses.dataclass
+class CollectiveTotals:
+  """One kind of collective in one program: sums over its `CollectiveOp`s."""
+  count: int = 0
+  operand_bytes: float = 0.0
+  result_bytes: float = 0.0
+  payload: float = 0.0
+  wire_bytes: float = 0.0
+  in_loops: int = 0  # instructions in a while body: counted once, may run more often
+  by_dtype: dict[str, float] = dataclasses.field(default_factory=dict)  # payload per dtype
+
+
+def wire_factor(kind: str, n: int) -> float:
+  """Bytes a device sends per payload byte (ring algorithms over a group of n):
+  all-reduce 2(n-1)/n of the buffer (reduce-scatter + all-gather), all-gather and
+  reduce-scatter (n-1)/n of the full buffer, all-to-all (n-1)/n of its send buffer
+  (the block addressed to itself stays), collective-permute 1 (scaled separately by the
+  share of pairs that move)."""
+  if n <= 1:
+    return 0.0
+  return {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n,
+          "reduce-scatter": (n - 1) / n, "all-to-all": (n - 1) / n,
+          "collective-permute": 1.0}[kind]
+
+
+def collective_ops(hlo_text: str, num_devices: int) -> list[CollectiveOp]:
+  """Every collective instruction of a compiled (SPMD-partitioned) HLO module.
+
+  What is read, per instruction of opcode all-reduce, all-gather, reduce-scatter,
+  all-to-all, collective-permute (their `-start` halves for async pairs; `-done` is
+  skipped so each collective counts once; ragged-all-to-all counts as all-to-all):
+  - operand bytes: the operands' shapes, looked up by name (compiled HLO prints
+    operands without shapes) or read inline when printed;
+  - result bytes: the instruction's shape; for an async `-start` whose tuple carries
+    the operands (all-gather, collective-permute, all-to-all), the operands and u32/s32
+    scalar context are taken out;
+  - group size from `replica_groups` (`group_size`), wire bytes = payload x
+    `wire_factor(kind, group)` (x the moving share of a permute's pairs);
+  - instructions in a while body are flagged: listed once, they run once per iteration.
+  Collectives wrapped in async computations (`async-start` calling a computation) are
+  found inside the called computation, once.
+  """
+  shapes: dict[str, str] = {}
+  parsed = []
+  computation, loop_bodies = "", set()
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      c = _COMPUTATION.match(line)
+      if c and " = " not in line:
+        computation = c.group(1)
+      continue
+    name, shape, opcode, rest = m.groups()
+    shapes[name] = shape
+    if opcode == "while":
+      body = re.search(r"body=%?([\w.\-]+)", rest)
+      if body:
+        loop_bodies.add(body.group(1))
+    base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+    if base in _OPCODES:
+      parsed.append((computation, shape, opcode, base, rest))
+  ops = []
+  for computation, shape, opcode, base, rest in parsed:
+    operand_text, attrs = _split_call(rest)
+    operand_shapes = []
+    for op in _operands(operand_text):
+      ref = op.split()[-1].lstrip("%") if op.split() else op
+      operand_shapes.append(op if _ARRAY.search(op) else shapes.get(ref, ""))
+    operand_bytes = sum(map(array_bytes, operand_shapes))
+    result_bytes = array_bytes(shape)
+    if opcode.endswith("-start") and base != "all-reduce" and shape.startswith("("):
+      scalars = sum(array_bytes(x) for x in re.findall(r"\b[su]32\[\]", shape))
+      result_bytes = result_bytes - operand_bytes - scalars
+    kind = "all-to-all" if base == "ragged-all-to-all" else base
+    payload = max(operand_bytes, result_bytes)
+    n = group_size(attrs, num_devices)
+    wire = payload * wire_factor(kind, n)
+    if kind == "collective-permute":
+      wire *= _permute_fraction(attrs)
+    side = shape if result_bytes >= operand_bytes else " ".join(operand_shapes)
+    sizes = [(dt, array_bytes(f"{dt}[{dims}]")) for dt, dims in _ARRAY.findall(side)]
+    whole = sum(b for _, b in sizes) or 1.0
+    dtypes: dict[str, float] = {}
+    for dt, b in sizes:
+      dtypes[dt] = dtypes.get(dt, 0.0) + payload * b / whole
+    op_name = re.search(r'op_name="([^"]*)"', attrs)
+    ops.append(CollectiveOp(kind, opcode, shape, operand_bytes, result_bytes, n, wire,
+                            computation in loop_bodies, op_name.group(1) if op_name else "",
+                            tuple(sorted(dtypes.items()))))
+  return ops
+
+
+def parse_collectives(hlo_text: str, num_devices: int) -> dict[str, CollectiveTotals]:
+  """Per kind (all of KINDS, zero when absent): count, operand, result, payload and wire
+  bytes per device, summed over `collective_ops` - each instruction once; collectives
+  over one-device groups (no data moves) are left out."""
+  totals = {k: CollectiveTotals() for k in KINDS}
+  for op in collective_ops(hlo_text, num_devices):
+    if op.group <= 1 and op.kind != "collective-permute":
+      continue  # a group of one device moves nothing (XLA:CPU leaves some in)
+    t = totals[op.kind]
+    t.count += 1
+    t.operand_bytes += op.operand_bytes
+    t.result_bytes += op.result_bytes
+    t.payload += op.payload
+    t.wire_bytes += op.wire_bytes
+    t.in_loops += op.in_loop
+    for dt, b in op.dtypes:
+      t.by_dtype[dt] = t.by_dtype.get(dt, 0.0) + b
+  return totals
+
+
+# --------------------------------------------------------------------- memory
+
+
+def memory_summary(stats: Any) -> preflight.MemoryReport:
+  """XLA's `CompiledMemoryStats` -> the pre-flight report (bytes per device; `.total` is
+  the live peak: arguments + outputs not aliasing a donated input + temporaries + code)."""
+  return preflight.MemoryReport(
+      arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),
+      aliased=int(stats.alias_size_in_bytes), temporaries=int(stats.temp_size_in_bytes),
+      code=int(stats.generated_code_size_in_bytes))
+
+
+def sharded_bytes(avals: Any, shardings: Any) -> int:
+  """Per-device bytes of a pytree of arrays laid out by a matching pytree of shardings
+  (the largest shard, i.e. what one device holds)."""
+  leaves = jax.tree.leaves(avals)
+  shards = jax.tree.leaves(shardings)
+  if len(leaves) != len(shards):
+    raise ValueError(f"{len(leaves)} arrays but {len(shards)} shardings")
+  return int(sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                 for a, s in zip(leaves, shards)))
+
+
+# ------------------------------------------------------------------- the models
+
+# config.json of the checkpoints MoE-LLaVA starts from (configs/moe_llava.py `init`),
+# the fields the importer reads; shapes only, no weights are needed.
+HF_TEXT = {
+    "stablelm": dict(  # stabilityai/stablelm-2-1_6b
+        model_type="stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632,
+        num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+        hidden_act="silu", layer_norm_eps=1e-5, partial_rotary_factor=0.25,
+        rope_theta=10000, use_qkv_bias=True, use_parallel_residual=False,
+        qk_layernorm=False, tie_word_embeddings=False),
+    "qwen": dict(  # Qwen/Qwen1.5-1.8B
+        model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=5504,
+        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
+        use_sliding_window=False, tie_word_embeddings=False),
+    "phi2": dict(  # microsoft/phi-2
+        model_type="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.4,
+        rope_theta=10000.0, qk_layernorm=False, tie_word_embeddings=False),
+}
+HF_CLIP_L336 = dict(  # openai/clip-vit-large-patch14-336, vision_config
+    model_type="clip_vision_model", image_size=336, patch_size=14, num_channels=3,
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    layer_norm_eps=1e-5, hidden_act="quick_gelu")
+# Active parameters of the LLM with top-2 of 4 experts, as the MoE-LLaVA model zoo
+# lists them (billions); `real_config` is checked against these in the tests.
+PAPER_ACTIVE_B = {"stablelm": 2.0, "qwen": 2.2, "phi2": 3.6}
+VARIANT_NAMES = {"stablelm": "MoE-LLaVA-StableLM-1.6Bx4", "qwen": "MoE-LLaVA-Qwen-1.8Bx4",
+                 "phi2": "MoE-LLaVA-Phi2-2.7Bx4"}
+
+
+def moe_llava_moe(num_experts: int = 4, **kw) -> MoEConfig:
+  """configs/moe_llava.py's MoE settings (top-2, every other layer, capacity 1.5)."""
+  base = dict(num_experts=num_experts, top_k=2, moe_mode="sparse", dispatch="capacity",
+              capacity_factor=1.5, eval_capacity_factor=2.0, aux_loss_coef=0.01)
+  return MoEConfig(**{**base, **kw})
+
+
+def real_config(variant: str, moe: Optional[MoEConfig] = None, *,
+                layers: Optional[int] = None, vision_layers: Optional[int] = None,
+                dtype: str = "bfloat16", remat: str = "full") -> VLMConfig:
+  """A MoE-LLaVA variant's VLMConfig through the same importer `loop.model_config` uses,
+  with the paper's execution settings (bf16 compute, fp32 params, full remat).
+  `layers`/`vision_layers` cut the depth (compile time); everything else is real."""
+  if variant not in HF_TEXT:
+    raise ValueError(f"variant={variant!r}: expected one of {sorted(HF_TEXT)}")
+  text = hf.text_config_from_hf(types.SimpleNamespace(**HF_TEXT[variant]), dtype)
+  vision = hf.vision_config_from_hf(types.SimpleNamespace(**HF_CLIP_L336), dtype)
+  text = dataclasses.replace(text, remat=remat, moe=moe,
+                             num_layers=layers or text.num_layers)
+  vision = dataclasses.replace(vision, num_layers=vision_layers or vision.num_layers)
+  cfg = VLMConfig(vision=vision, text=text, projector="mlp2x_gelu", vision_feature_layer=-2,
+                  vision_feature_select_strategy="default",
+                  image_token_id=text.vocab_size - 1)
+  cfg.validate()
+  return cfg
+
+
+def tiny_config(moe: Optional[MoEConfig] = None) -> VLMConfig:
+  """Seconds to compile; fp32 so gradient bytes are exactly parameter bytes."""
+  vision = VisionConfig(variant="clip", image_size=28, patch_size=14, hidden_size=32,
+                        intermediate_size=64, num_layers=2, num_heads=4)
+  text = TextConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                    num_layers=2, num_heads=8, num_kv_heads=8, moe=moe)
+  return VLMConfig(vision=vision, text=text, image_token_id=255)
+
+
+# ------------------------------------------------------------------- layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  name: str
+  mesh: Mapping[str, int]
+  ep_impl: str = "gspmd"
+
+  @property
+  def devices(self) -> int:
+    return math.prod(self.mesh.values())
+
+  def mesh_text(self) -> str:
+    return "x".join(f"{a[0]}{n}" for a, n in self.mesh.items())
+
+
+def default_layouts(devices: Sequence[int], num_experts: int,
+                    first: bool = True) -> list[Layout]:
+  """The layouts compiled for one expert count.
+
+  For the first expert count: data, fsdp and model at every device count, expert
+  parallelism (GSPMD and shard_map) wherever E is divisible, and two combinations at
+  the largest count. For a further expert count only what E changes: expert
+  parallelism (GSPMD) at every count, and data, fsdp, shard_map expert parallelism and
+  fsdp x expert at the largest.
+  """
+  n = max(devices)
+  out = []
+  for k in devices:
+    if first:
+      out += [Layout("data", {"data": k}), Layout("fsdp", {"fsdp": k}),
+              Layout("model (tensor)", {"model": k})]
+    if num_experts % k == 0:
+      out.append(Layout("expert gspmd", {"expert": k}))
+      if first or k == n:
+        out.append(Layout("expert shard_map", {"expert": k}, "shard_map"))
+  if not first:
+    out += [Layout("data", {"data": n}), Layout("fsdp", {"fsdp": n})]
+  if n >= 8 and num_experts % 4 == 0:
+    out.append(Layout("fsdp+expert", {"fsdp": n // 4, "expert": 4}))
+  if first and n >= 8 and num_experts % 2 == 0:
+    out.append(Layout("fsdp+model+expert", {"fsdp": n // 4, "model": 2, "expert": 2}))
+  return out
+
+
+TINY_LAYOUTS = (Layout("data", {"data": 4}), Layout("fsdp", {"fsdp": 4}),
+                Layout("model (tensor)", {"model": 4}), Layout("expert gspmd", {"expert": 4}),
+                Layout("expert shard_map", {"expert": 4}, "shard_map"))
+
+
+# ------------------------------------------------------------------ measurement
+
+
+@dataclasses.dataclass
+class Row:
+  layout: Layout
+  num_experts: int
+  memory: preflight.MemoryReport
+  state: dict[str, int]          # per-device bytes: params, frozen, opt_state
+  collectives: dict[str, CollectiveTotals]
+  ops: list[CollectiveOp]
+  predicted: dict[str, float]    # `ici_bytes` for this layout: the estimate's formula
+
+  @property
+  def wire_bytes(self) -> float:
+    return sum(t.wire_bytes for t in self.collectives.values())
+
+  def as_dict(self) -> dict[str, Any]:
+    return dict(layout=self.layout.name, mesh=dict(self.layout.mesh),
+                ep_impl=self.layout.ep_impl, devices=self.layout.devices,
+                experts=self.num_experts, memory=dataclasses.asdict(self.memory),
+                peak=self.memory.total, state=self.state,
+                collectives={k: dataclasses.asdict(v) for k, v in self.collectives.items()},
+                wire_bytes=self.wire_bytes, predicted=self.predicted)
+
+
+def _state_bytes(compiled: Any) -> dict[str, int]:
+  """Per-device bytes of the TrainState argument's parts, from the compiled program's
+  own input shardings."""
+  state_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                             compiled.args_info[0][0],
+                             is_leaf=lambda x: hasattr(x, "donated"))
+  state_shardings = compiled.input_shardings[0][0]
+  return {part: sharded_bytes(getattr(state_avals, part), getattr(state_shardings, part))
+          for part in ("params", "frozen", "opt_state")}
+
+
+def measure(cfgs: Mapping[int, VLMConfig], layouts: Iterable[tuple[int, Layout]], *,
+            batch: int, seq: int, train: str, out: Callable[[str], None],
+            workers: Optional[int] = None) -> list[Row]:
+  """Lower every (experts, layout) step serially, compile them in parallel, read them."""
+  jobs = []
+  t0 = time.perf_counter()
+  for e, layout in layouts:
+    cfg = cfgs[e]
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(
+        cfg.text, moe=dataclasses.replace(cfg.text.moe, ep_impl=layout.ep_impl)))
+    mesh = mesh_lib.make_mesh(dict(layout.mesh), jax.devices()[:layout.devices])
+    jobs.append((e, layout, preflight.lower_train_step(cfg, mesh, batch_size=batch,
+                                                       seq_len=seq, train=train)))
+  on_cpu = jax.default_backend() == "cpu"
+  t1 = time.perf_counter()
+  compiled = common.compile_all([j[2] for j in jobs], workers)
+  t2 = time.perf_counter()
+  out(f"# lowered {len(jobs)} steps in {t1 - t0:.1f} s, compiled them in {t2 - t1:.1f} s")
+  rows = []
+  for (e, layout, _), c in zip(jobs, compiled):
+    text = c.as_text()
+    cfg = cfgs[e]
+    ways = math.prod(layout.mesh.get(a, 1) for a in mesh_lib.BATCH_AXES)
+    comm = CommModel(act_bytes=4 if on_cpu else jnp.dtype(cfg.text.dtype).itemsize,
+                     grad_reduce="all-reduce" if on_cpu else "reduce-scatter",
+                     ep_impl=layout.ep_impl)
+    rows.append(Row(layout, e, memory_summary(c.memory_analysis()), _state_bytes(c),
+                    parse_collectives(text, layout.devices),
+                    collective_ops(text, layout.devices),
+                    ici_bytes(cfg, train, layout.mesh, batch // ways, 1, seq, comm)))
+  return rows
+
+
+def _mib(x: float) -> str:
+  return f"{x / MiB:9.1f}"
+
+
+def format_table(rows: Sequence[Row]) -> list[str]:
+  """One line per layout: memory per device, then each collective kind's payload per
+  device (MiB) with its instruction count, then the bytes a device sends (ring
+  algorithms) as read from the HLO and as `ici_bytes` predicts them."""
+  head = (f"{'E':>2} {'layout':18s} {'dev':>3} {'mesh':12s} {'state':>9} {'args':>9} "
+          f"{'temp':>9} {'peak':>9} | " +
+          " ".join(f"{k:>14s}" for k in ("all-reduce", "all-gather", "reduce-scatter",
+                                          "all-to-all", "permute")) +
+          f" | {'sent':>9} {'formula':>9}")
+  lines = ["memory per device and collective payload per device, MiB (count)", head,
+           "-" * len(head)]
+  for r in rows:
+    state = sum(r.state.values())
+    m = r.memory
+    coll = " ".join(f"{r.collectives[k].payload / MiB:9.1f} ({r.collectives[k].count:2d})"
+                    if r.collectives[k].count else f"{'-':>14s}" for k in KINDS)
+    lines.append(f"{r.num_experts:2d} {r.layout.name:18s} {r.layout.devices:3d} "
+                 f"{r.layout.mesh_text():12s} {_mib(state)} {_mib(m.arguments)} "
+                 f"{_mib(m.temporaries)} {_mib(m.total)} | {coll} | {_mib(r.wire_bytes)} "
+                 f"{_mib(r.predicted['total'])}")
+  return lines
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = print) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--tiny", action="store_true", help="tiny config (seconds)")
+  p.add_argument("--paper-estimate", action="store_true",
+                 help="print the TPU v5e/v5p estimate for the real configs and exit")
+  p.add_argument("--variant", default="stablelm", choices=sorted(HF_TEXT))
+  p.add_argument("--layers", type=int, default=2,
+                 help="decoder layers kept (MoE in every other one, from layer 0)")
+  p.add_argument("--vision-layers", type=int, default=2, help="CLIP layers kept")
+  p.add_argument("--experts", default="4,8", help="expert counts, comma separated")
+  p.add_argument("--devices", default="2,4,8", help="device counts, comma separated")
+  p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
+  p.add_argument("--seq", type=int, default=2048, help="sequence length")
+  p.add_argument("--train", default="moe_layers", choices=stages_lib.PRESETS,
+                 help="trainable set (stage preset); default: stage 3")
+  p.add_argument("--layouts", default="", help="only layouts whose name contains one of "
+                 "these comma-separated words")
+  p.add_argument("--workers", type=int, default=0, help="parallel compiles (0: cores)")
+  p.add_argument("--top", type=int, default=0,
+                 help="also list each layout's N largest collectives (what moves)")
+  p.add_argument("--device-note", default="")
+  a = p.parse_args(argv)
+  if a.paper_estimate:
+    return paper_estimate(out)
+  experts = [int(x) for x in a.experts.split(",")]
+  devices = [int(x) for x in a.devices.split(",")]
+  if a.tiny:
+    devices, experts = [4], [4]
+    a.batch, a.seq, a.train = 8, 32, "projector_llm"
+  have = len(jax.devices())
+  if max(devices) > have:
+    out(f"# only {have} devices: dropping device counts above it (run as a script, or set "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax is imported)")
+    devices = [n for n in devices if n <= have]
+  if a.tiny:
+    cfgs = {e: tiny_config(MoEConfig(num_experts=e, group_size=1)) for e in experts}
+  else:
+    cfgs = {e: real_config(a.variant, moe_llava_moe(e, group_size=1), layers=a.layers,
+                           vision_layers=a.vision_layers) for e in experts}
+  words = [w for w in a.layouts.split(",") if w]
+  if a.tiny:
+    jobs = [(experts[0], layout) for layout in TINY_LAYOUTS]
+  else:
+    jobs = [(e, layout) for i, e in enumerate(experts)
+            for layout in default_layouts(devices, e, first=i == 0)]
+  jobs = [(e, l) for e, l in jobs if not words or any(w in l.name for w in words)]
+  cfg = cfgs[experts[0]]
+  common.print_header(out, "bench.scaling", a.tiny, a.device_note)
+  t = cfg.text
+  out(f"# model: {'tiny' if a.tiny else VARIANT_NAMES[a.variant]}, decoder {t.num_layers} of "
+      f"its layers (MoE in {list(t.moe_layers())}), vision {cfg.vision.num_layers} layers, "
+      f"hidden {t.hidden_size}, FFN {t.intermediate_size}, vocab {t.vocab_size}, "
+      f"{t.dtype} compute / {t.param_dtype} params, remat={t.remat}, top-{t.moe.top_k} "
+      f"capacity {t.moe.capacity_factor} (one routing group per sequence)")
+  out(f"# step: global batch {a.batch} x {a.seq} tokens ({cfg.num_image_tokens} image "
+      f"tokens each), trainable set {a.train!r}, AdamW, grad_accum 1")
+  rows = measure(cfgs, jobs, batch=a.batch, seq=a.seq, train=a.train, out=out,
+                 workers=a.workers or None)
+  for line in format_table(rows):
+    out(line)
+  for r in rows if a.top else ():
+    out(f"## E={r.num_experts} {r.layout.name} {r.layout.mesh_text()}: largest collectives")
+    for op in sorted(r.ops, key=lambda o: -o.payload)[:a.top]:
+      out(f"  {op.kind:18s} {op.payload / MiB:8.1f} MiB  group {op.group}  {op.shape[:60]:60s} "
+          f"{op.op_name[:70]}")
+  return {"rows": [r.as_dict() for r in rows], "experts": experts, "devices": devices}
+
+
+# ------------------------------------------------------------- paper estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Google's published per-chip figures (cloud.google.com/tpu/docs/v5e, /v5p)."""
+  name: str
+  peak_flops: float     # bf16 FLOP/s
+  hbm_bytes: float
+  hbm_bw: float         # bytes/s
+  ici_bw: float         # bidirectional inter-chip interconnect bytes/s per chip, all ports
+  ici_ports: int
+
+  @property
+  def ici_send_bw(self) -> float:
+    """What a chip can send: half the bidirectional figure, every port busy."""
+    return self.ici_bw / 2
+
+
+CHIPS = {
+    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 400e9, 4),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 1200e9, 6),
+}
+
+
+@functools.lru_cache(maxsize=32)
+def param_table(cfg: VLMConfig) -> tuple[tuple[str, int], ...]:
+  """(dotted name, fp32-or-param-dtype bytes) of every parameter, from the abstract
+  model (`nnx.eval_shape`: nothing is allocated)."""
+  from flax import nnx
+  from moe_vlm.models.params import ParamCodec
+  from moe_vlm.models.vlm import VLM
+  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
+  return tuple((n, math.prod(a.shape) * a.dtype.itemsize) for n, a in codec.shapes.items())
+
+
+def _trainable_parts(cfg: VLMConfig, train: str) -> Callable[[str], bool]:
+  """Whether any parameter under a dotted prefix trains in this stage preset."""
+  trainable = stages_lib.trainable_fn(train)
+  names = [n for n, _ in param_table(cfg) if trainable(n)]
+  return lambda prefix: any(n.startswith(prefix) for n in names)
+
+
+def step_flops(cfg: VLMConfig, train: str, batch: int, seq: int,
+               trains: Optional[Callable[[str], bool]] = None) -> dict[str, float]:
+  """Matmul FLOPs of one train step of `batch` sequences of `seq` tokens, one image each.
+
+  Counted as 2 per multiply-add, matmuls only (norms, softmax, activations, the loss and
+  the optimizer are left out). Walking the graph bottom-up (vision -> projector ->
+  decoder blocks -> lm_head), each weight matmul costs 2*W*T forward, 2*W*T for the
+  input gradient if anything trainable lies below it, 2*W*T for the weight gradient if
+  it trains; attention scores (q k^T and p v, the full L x L as implemented) 4*L^2*H*hd
+  per sequence forward and twice that backward when the gradient passes through them.
+  The frozen vision tower runs forward only.
+
+  "model": that work with the top_k active experts only - the MFU numerator.
+  "hardware": what this implementation executes on top: the capacity path runs every
+  slot of its [E, C] buffers (E*C*groups rows instead of k*T), and `remat="full"`
+  recomputes the forward of every decoder block a gradient passes through.
+  """
+  t, v = cfg.text, cfg.vision
+  trains = trains or _trainable_parts(cfg, train)
+  d, hd, tokens = t.hidden_size, t.dim_per_head, batch * seq
+  attn_w = d * hd * (2 * t.num_heads + 2 * t.num_kv_heads)
+  mats = 3 if t.mlp == "gated" else 2
+  dense_w = mats * d * t.intermediate_size
+  moe_layers = set(t.moe_layers())
+  if t.moe:
+    expert_w = mats * d * (t.moe.expert_intermediate_size or t.intermediate_size)
+    group = t.moe.group_size or batch
+    if t.moe.dispatch == "capacity":
+      rows = t.moe.num_experts * t.moe.capacity(group * seq, train=True) * (batch // group)
+    else:
+      rows = t.moe.top_k * tokens
+    exec_rows_per_token = rows / tokens
+  scores = 4.0 * batch * seq * seq * t.num_heads * hd
+  out = dict.fromkeys(("vision", "projector", "attention", "ffn", "lm_head", "remat",
+                       "capacity_padding"), 0.0)
+  # Frozen vision tower, forward only: the layers up to vision_feature_layer.
+  vd, n_pos = v.hidden_size, v.num_positions
+  run = cfg.vision_feature_layer % (v.num_layers + 1)
+  out["vision"] = 2.0 * batch * (run * (4 * vd * vd + 2 * vd * v.intermediate_size) * n_pos
+                                 + v.patch_size ** 2 * v.num_channels * vd * v.num_patches)
+  out["vision"] += run * 4.0 * batch * n_pos * n_pos * vd
+  if trains("vision."):
+    raise ValueError("step_flops: the vision tower is frozen in every MoE-Tuning stage")
+  proj_w = vd * d + (d * d if cfg.projector == "mlp2x_gelu" else 0)
+  img = batch * cfg.num_image_tokens
+  below = trains("projector.")
+  out["projector"] = 2.0 * proj_w * img * (1 + below)  # no input gradient: vision frozen
+  below = below or trains("llm.embed")
+  for i in range(t.num_layers):
+    pre = f"llm.layers.{i}."
+    block_has_backward = below or trains(pre)
+    # attention
+    a_tr = trains(pre + "attn.")
+    fwd = 2.0 * attn_w * tokens + scores
+    bwd = 2.0 * attn_w * tokens * (below + a_tr) + 2 * scores * (below or a_tr)
+    out["attention"] += fwd + bwd
+    below = below or a_tr
+    # FFN: dense, or the router plus top_k active experts
+    m_tr = trains(pre + "mlp.")
+    if i in moe_layers:
+      active = t.moe.top_k * expert_w + d * t.moe.num_experts
+      executed = exec_rows_per_token * expert_w + d * t.moe.num_experts
+    else:
+      active = executed = dense_w
+    passes = 1 + below + m_tr
+    out["ffn"] += 2.0 * active * tokens * passes
+    out["capacity_padding"] += 2.0 * (executed - active) * tokens * passes
+    if block_has_backward and t.remat == "full":
+      out["remat"] += 2.0 * (attn_w + executed) * tokens + scores
+    below = below or m_tr
+  head_w = d * t.vocab_size
+  out["lm_head"] = 2.0 * head_w * tokens * (1 + below + trains("llm.lm_head"))
+  out["model"] = sum(out[k] for k in ("vision", "projector", "attention", "ffn", "lm_head"))
+  out["hardware"] = out["model"] + out["remat"] + out["capacity_padding"]
+  out["tokens"] = float(tokens)
+  return out
+
+
+def attention_hbm_bytes(cfg: VLMConfig, train: str, batch: int, seq: int,
+                        trains: Optional[Callable[[str], bool]] = None) -> float:
+  """HBM traffic of the materialised [B, H, L, L] attention matrices (the implementation
+  is plain einsum + fp32 softmax, no flash kernel): assumed one fp32 write and one read
+  (8 bytes per element) per pass; passes: forward, the remat recomputation and two in
+  the backward (probabilities and their gradient) for blocks a gradient passes through."""
+  t = cfg.text
+  trains = trains or _trainable_parts(cfg, train)
+  below = trains("projector.") or trains("llm.embed")
+  elems = batch * t.num_heads * seq * seq
+  total = 0.0
+  for i in range(t.num_layers):
+    pre = f"llm.layers.{i}."
+    has_bwd = below or trains(pre)
+    attn_bwd = below or trains(pre + "attn.")
+    passes = 1 + (has_bwd and t.remat == "full") + 2 * attn_bwd
+    total += 8.0 * elems * passes
+    below = below or trains(pre)
+  return total
+
+
+def param_bytes(cfg: VLMConfig, train: str) -> dict[str, float]:
+  """Bytes of the dense (non-expert) and expert parameters, all and trainable; of the
+  dense ones, those inside decoder blocks and the token embedding table."""
+  trainable = stages_lib.trainable_fn(train)
+  out = dict.fromkeys(("dense", "expert", "dense_trainable", "expert_trainable",
+                       "dense_decoder", "embed"), 0.0)
+  for n, b in param_table(cfg):
+    kind = "expert" if ".mlp.experts." in n else "dense"
+    out[kind] += b
+    if trainable(n):
+      out[f"{kind}_trainable"] += b
+    if kind == "dense" and n.startswith("llm.layers."):
+      out["dense_decoder"] += b
+    if n.startswith("llm.embed"):
+      out["embed"] += b
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CommModel:
+  """How the estimate turns a layout into bytes. Defaults describe TPU; `CPU_COMM` what
+  XLA:CPU compiles (bf16 dots computed in f32, so activations travel in f32; gradient
+  reduce-scatter written as all-reduce + slice), for checking the formula against the
+  compiled HLO of `bench.scaling`."""
+  act_bytes: int = 2                   # bf16 activations
+  grad_reduce: str = "reduce-scatter"  # or "all-reduce"
+  ep_impl: str = "gspmd"
+
+
+CPU_COMM = CommModel(act_bytes=4, grad_reduce="all-reduce")
+
+
+def ici_bytes(cfg: VLMConfig, train: str, mesh: Mapping[str, int], micro_batch: int,
+              accum: int, seq: int, comm: CommModel = CommModel()) -> dict[str, float]:
+  """Bytes each chip sends per step for the project's layout (default logical rules:
+  weights over fsdp (embed) and model (heads/mlp/vocab), experts over expert, batch over
+  data x fsdp x expert), ring algorithms (`wire_factor`), `accum` micro-batches of
+  `micro_batch` sequences per chip. Counts per micro-batch, as the compiled HLO of
+  `bench.scaling` shows them (fp32 parameters, remat full):
+  - FSDP: every weight is all-gathered over fsdp (fp32) where it is used: the decoder
+    blocks' twice with `remat="full"` (forward, then recomputation + backward share one
+    gather), once without; lm_head, projector and vision tower once; the embedding
+    table never (the lookup reads the shards). Trainable gradients are reduce-scattered
+    over fsdp (fp32), then all-reduced over the batch axes that hold copies: data (and
+    expert, for non-expert weights);
+  - tensor parallel, per decoder layer: all-reduces of the attention and FFN outputs
+    in the forward, of the attention output again in the recomputation (the FFN output
+    is not needed by the backward), and where the layer's input needs a gradient one
+    per input projection (q, k, v; gate and up, or the one plain fc1). An MoE layer's
+    FFN tensors are its [E, C, D] buffer, capacity_factor x top_k rows per token;
+  - expert parallel, per MoE layer: shard_map sends its [E, C, D] buffer in 5
+    all-to-alls (dispatch and combine forward and backward, the recomputed dispatch);
+    GSPMD in 3, and all-gathers the top_k-repeated tokens of the expert group twice
+    (forward and recomputation) to scatter them into the buffers; where the layer's
+    input needs a gradient, the transpose of that gather reduces them back
+    (reduce-scatter; XLA:CPU: all-reduce).
+  Not counted: collectives of routing statistics, losses and the vision tower under
+  tensor parallelism (each < 1% in the measured HLO).
+  """
+  t = cfg.text
+  d_, f, m, e = (mesh.get(a, 1) for a in ("data", "fsdp", "model", "expert"))
+  pb = param_bytes(cfg, train)
+  ring = lambda n: (n - 1) / n
+  decoder_gathers = 2 if t.remat == "full" else 1
+  once = pb["dense"] - pb["dense_decoder"] - pb["embed"]
+  out = {"fsdp all-gather": ring(f) * (once / m + decoder_gathers * (
+      pb["dense_decoder"] / m + pb["expert"] / (m * e)))}
+  g_dense, g_expert = pb["dense_trainable"] / m, pb["expert_trainable"] / (m * e)
+  # A reduce-scatter sends (f-1)/f of the gradients; XLA:CPU's all-reduce twice that.
+  per_grad = ring(f) * (1 if comm.grad_reduce == "reduce-scatter" else 2)
+  out["gradient reduce over fsdp"] = per_grad * (g_dense + g_expert)
+  out["gradient all-reduce over data/expert"] = (2 * ring(d_ * e) * g_dense +
+                                                2 * ring(d_) * g_expert) / f
+  act = micro_batch * seq * t.hidden_size * comm.act_bytes
+  moe_layers = len(t.moe_layers()) if t.moe else 0
+  buffer = t.moe.capacity_factor * t.moe.top_k * act if t.moe else 0.0
+  trains = _trainable_parts(cfg, train)
+  mats_in = 2 if t.mlp == "gated" else 1
+  below, tp = trains("projector.") or trains("llm.embed"), 0.0
+  for i in range(t.num_layers):
+    pre = f"llm.layers.{i}."
+    ffn = buffer if i in t.moe_layers() else act
+    tp += act + ffn + act * (below or trains(pre))  # forward, recomputation
+    below = below or trains(pre + "attn.")
+    tp += 3 * act * below                           # q, k, v input gradients
+    below = below or trains(pre)
+    tp += mats_in * ffn * below                     # FFN input gradients
+  out["tensor all-reduce"] = 2 * ring(m) * tp
+  if moe_layers and e > 1:
+    if comm.ep_impl == "shard_map":
+      out["expert all-to-all"] = ring(e) * 5 * buffer * moe_layers
+    else:
+      out["expert all-to-all"] = ring(e) * 3 * buffer * moe_layers
+      tokens = e * t.moe.top_k * act  # the gathered [e x b, k x L, D] tokens
+      out["expert token all-gather"] = ring(e) * 2 * tokens * moe_layers
+      below, with_input_grad = trains("projector.") or trains("llm.embed"), 0
+      for i in range(t.num_layers):
+        pre = f"llm.layers.{i}."
+        below = below or trains(pre + "attn.")
+        with_input_grad += i in t.moe_layers() and below
+        below = below or trains(pre)
+      reduce = ring(e) * (1 if comm.grad_reduce == "reduce-scatter" else 2)
+      out["expert token gradient reduce"] = reduce * tokens * with_input_grad
+  out = {k: v * accum for k, v in out.items()}
+  out["total"] = sum(out.values())
+  return out
+
+
+ESTIMATE_TOPOLOGIES = ("v5e-16", "v5e-64", "v5e-256", "v5p-128")
+STAGE_TRAIN = {1: "projector", 2: "projector_llm", 3: "moe_layers"}
+
+
+def estimate_row(variant: str, topology: str, stage: int, seq: int = 2048) -> dict[str, Any]:
+  """Step time and MFU of one stage of one variant on one topology preset."""
+  topo = topologies.get(topology)
+  chip = CHIPS[topo.generation]
+  batch = topologies.MOE_LLAVA_BATCH[stage]
+  accum = topologies.grad_accum(topo, batch)
+  micro = topologies.per_chip_batch(topo, batch)
+  moe = moe_llava_moe(4, group_size=4) if stage == 3 else None
+  cfg = real_config(variant, moe)
+  train = STAGE_TRAIN[stage]
+  trains = _trainable_parts(cfg, train)
+  fl = step_flops(cfg, train, batch, seq, trains)
+  attn_hbm = attention_hbm_bytes(cfg, train, batch, seq, trains) / topo.chips
+  comm = ici_bytes(cfg, train, topo.mesh, micro, accum, seq)
+  t_matmul = fl["hardware"] / (topo.chips * chip.peak_flops)
+  t_softmax = attn_hbm / chip.hbm_bw
+  t_ici = comm["total"] / chip.ici_send_bw
+  overlap = max(t_matmul + t_softmax, t_ici)
+  serial = t_matmul + t_softmax + t_ici
+  mem = topologies.estimate_memory(variant, topo, stage, global_batch=batch, seq_len=seq)
+  ideal = fl["model"] / (topo.chips * chip.peak_flops)
+  return dict(variant=variant, topology=topology, stage=stage, chips=topo.chips,
+              mesh=dict(topo.mesh), batch=batch, accum=accum, micro=micro,
+              model_flops=fl["model"], hardware_flops=fl["hardware"],
+              flops_per_token=fl["model"] / fl["tokens"], flops=fl,
+              t_matmul=t_matmul, t_softmax=t_softmax, t_ici=t_ici, ici=comm,
+              step_overlap=overlap, step_serial=serial, mfu_overlap=ideal / overlap,
+              mfu_serial=ideal / serial, hbm_gib=mem["total"], hbm_cap_gib=topo.hbm_gib,
+              tokens_per_s_chip=fl["tokens"] / overlap / topo.chips)
+
+
+def paper_estimate(out: Callable[[str], None] = print,
+                   variants: Sequence[str] = ("stablelm", "qwen", "phi2"),
+                   topology_names: Sequence[str] = ESTIMATE_TOPOLOGIES,
+                   stages: Sequence[int] = (1, 2, 3)) -> dict:
+  """The TPU estimate of BENCHMARKS.md: arithmetic only, every input printed."""
+  for c in CHIPS.values():
+    out(f"# {c.name}: {c.peak_flops / 1e12:.0f} TFLOP/s bf16, HBM {c.hbm_bytes / GiB:.0f} GiB "
+        f"at {c.hbm_bw / 1e9:.0f} GB/s, ICI {c.ici_bw / 1e9:.0f} GB/s bidirectional per chip "
+        f"({c.ici_ports} ports): {c.ici_send_bw / 1e9:.0f} GB/s sent")
+  out("# sequences of 2048 tokens (padded), one 336 px image (576 tokens) each; stage 3: "
+      "4 experts top-2, capacity 1.5, routing groups of 4 sequences; bf16 compute, fp32 "
+      "params and AdamW, remat full")
+  out("# columns: mesh data.fsdp.model.expert; st stage; acc gradient accumulation; "
+      "b/chip sequences per chip per micro-batch; GFLOP/tok model FLOPs per token; hw/model "
+      "executed / model FLOPs; matmul s = executed FLOPs at peak; softmax s = L x L "
+      "attention traffic at HBM bandwidth; ICI GB sent per chip per step and its time; "
+      "step s = max(matmul + softmax, ICI) (communication overlapped); MFU = model FLOPs / "
+      "(step s x chips x peak); MFU ser = the same with nothing overlapped; HBM GiB = "
+      "configs/topologies.py estimate_memory / capacity")
+  rows = []
+  for variant in variants:
+    cfg = real_config(variant, moe_llava_moe(4))
+    t = cfg.text
+    mats = 3 if t.mlp == "gated" else 2
+    active = (t.num_layers * t.hidden_size * t.dim_per_head * 2 * (t.num_heads + t.num_kv_heads)
+              + (t.num_layers + len(t.moe_layers())) * mats * t.hidden_size * t.intermediate_size
+              + t.hidden_size * t.vocab_size)
+    out(f"## {VARIANT_NAMES[variant]}: decoder {t.num_layers} x {t.hidden_size}, FFN "
+        f"{t.intermediate_size}, {t.num_heads} heads, vocab {t.vocab_size}; "
+        f"{len(t.moe_layers())} MoE layers; active decoder + lm_head matmul weights "
+        f"{active / 1e9:.2f} B")
+    out(f"{'topology':9s} {'mesh d.f.m.e':12s} {'st':>2} {'acc':>3} {'b/chip':>6} "
+        f"{'GFLOP/tok':>9} {'hw/model':>8} {'matmul s':>8} {'softmax s':>9} {'ICI GB':>7} "
+        f"{'ICI s':>6} {'step s':>7} {'MFU':>6} {'MFU ser':>7} {'tok/s/chip':>10} "
+        f"{'HBM GiB':>9}")
+    for topo in topology_names:
+      for stage in stages:
+        r = estimate_row(variant, topo, stage)
+        rows.append(r)
+        mesh = ".".join(str(r["mesh"][a]) for a in ("data", "fsdp", "model", "expert"))
+        out(f"{topo:9s} {mesh:12s} {stage:2d} {r['accum']:3d} {r['micro']:6d} "
+            f"{r['flops_per_token'] / 1e9:9.2f} {r['hardware_flops'] / r['model_flops']:8.2f} "
+            f"{r['t_matmul']:8.2f} {r['t_softmax']:9.2f} {r['ici']['total'] / 1e9:7.1f} "
+            f"{r['t_ici']:6.2f} {r['step_overlap']:7.2f} {100 * r['mfu_overlap']:5.1f}% "
+            f"{100 * r['mfu_serial']:6.1f}% {r['tokens_per_s_chip']:10.0f} "
+            f"{r['hbm_gib']:5.1f}/{r['hbm_cap_gib']:g}")
+    for stage in stages:  # the FLOP formula's parts do not depend on the topology
+      f = next(r["flops"] for r in rows if r["variant"] == variant and r["stage"] == stage)
+      parts = ", ".join(f"{k} {f[k] / f['tokens'] / 1e9:.2f}" for k in (
+          "vision", "projector", "attention", "ffn", "lm_head", "remat", "capacity_padding"))
+      out(f"  stage {stage} GFLOP per token: {parts} (model {f['model'] / f['tokens'] / 1e9:.2f}"
+          f", executed {f['hardware'] / f['tokens'] / 1e9:.2f})")
+  return {"rows": rows}
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
