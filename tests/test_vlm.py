@@ -84,7 +84,7 @@ def test_placeholder_count_must_match_one_image(model):
     (dict(text=dataclasses.replace(LLAMA, moe=MoEConfig(top_k=5))), "top_k"),
     (dict(text=dataclasses.replace(LLAMA, moe=MoEConfig(moe_layers_idx=(0, 4)))),
      "out of range"),
-    (dict(vision=dataclasses.replace(VISION, image_size=30)), "image_size"),
+    (dict(vision=dataclasses.replace(VISION, image_size=10)), "image_size"),  # < patch 14
     (dict(text=dataclasses.replace(LLAMA, activation="swish2")), "text.activation"),
 ])
 def test_bad_configs_raise_named_errors(bad, match):
