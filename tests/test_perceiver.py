@@ -15,11 +15,8 @@ from moe_vlm.models.config import ConfigError, PerceiverConfig
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.perceiver import PerceiverConnector
 from moe_vlm.models.vlm import VLM
-from moe_vlm.train import checkpoint as ckpt_lib
-from moe_vlm.train import step as step_lib
-from moe_vlm.train.optim import OptimConfig
 from moe_vlm.train.stages import trainable_fn
-from tests.tiny import IMAGE_TOKEN, LLAMA, vlm_config
+from tests.tiny import IMAGE_TOKEN, LLAMA, train_and_checkpoint, vlm_config
 
 VISION_DIM, TEXT_DIM, TEXT_INTER = 16, 32, 48
 DEPTH = 2
@@ -186,29 +183,11 @@ def test_stage1_trains_the_perceiver_only_and_checkpoints(vlm, tmp_path):
   trainable = trainable_fn("projector")
   assert {n for n in params if trainable(n)} == {n for n in params
                                                   if n.startswith("projector.")}
-  step_cfg = step_lib.StepConfig(optim=OptimConfig(learning_rate=3e-3, warmup_ratio=0.0,
-                                                   total_steps=100))
-  tx = step_lib.make_optimizer(step_cfg.optim)
-  state = step_lib.init_state(params, trainable, tx)
-  step = jax.jit(step_lib.make_train_step(codec, step_cfg, tx))
-  batch = _batch(cfg)
-  losses = []
-  for _ in range(6):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
-  assert np.isfinite(losses).all() and losses[-1] < losses[0] - 1e-3, losses
-  for name, value in state.frozen.items():
-    np.testing.assert_array_equal(np.asarray(value), params[name], err_msg=name)
+  state = train_and_checkpoint(codec, params, trainable, _batch(cfg), str(tmp_path / "final"),
+                               lr=3e-3)
   assert all(n.startswith("projector.") for n in state.params)
   assert not np.array_equal(np.asarray(state.params["projector.latents"]),
                             params["projector.latents"])
-  # Stage-final params through Orbax and back.
-  trained = ckpt_lib.to_host({**state.frozen, **state.params})
-  ckpt_lib.save_params(str(tmp_path / "final"), trained)
-  restored = ckpt_lib.load_params(str(tmp_path / "final"), trained)
-  assert set(restored) == set(params)
-  for name, value in trained.items():
-    np.testing.assert_array_equal(np.asarray(restored[name]), value, err_msg=name)
 
 
 def test_export_refuses_perceiver_and_config_json_round_trips(vlm, tmp_path):

@@ -22,11 +22,8 @@ from moe_vlm.models.adapters import masked_mean, prompt_mask
 from moe_vlm.models.config import ConfigError, HyperExpertConfig, LoRAMoEConfig
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
-from moe_vlm.train import checkpoint as ckpt_lib
-from moe_vlm.train import step as step_lib
-from moe_vlm.train.optim import OptimConfig
 from moe_vlm.train.stages import trainable_fn
-from tests.tiny import IMAGE_TOKEN, LLAMA, vlm_config
+from tests.tiny import IMAGE_TOKEN, LLAMA, train_and_checkpoint, vlm_config
 
 L = 16
 HYPER = HyperExpertConfig(expert_dim=8, bottleneck=4)
@@ -171,27 +168,11 @@ def test_variant_trains_its_parts_only(name, preset, expected, tmp_path):
   trainable = trainable_fn(preset)
   assert {n for n in params if trainable(n)} == {n for n in params
                                                  if expected(n) and not n.startswith("vision.")}
-  step_cfg = step_lib.StepConfig(optim=OptimConfig(learning_rate=1e-2, warmup_ratio=0.0,
-                                                   total_steps=100))
-  tx = step_lib.make_optimizer(step_cfg.optim)
-  state = step_lib.init_state(params, trainable, tx)
-  step = jax.jit(step_lib.make_train_step(codec, step_cfg, tx))
-  batch = _batch(cfg)
-  losses = []
-  for _ in range(6):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
-  assert np.isfinite(losses).all() and losses[-1] < losses[0] - 1e-3, losses
-  for k, v in state.frozen.items():
-    np.testing.assert_array_equal(np.asarray(v), params[k], err_msg=k)
+  state = train_and_checkpoint(codec, params, trainable, _batch(cfg), str(tmp_path / "final"),
+                               lr=1e-2)
   # The adapters' zero-initialised halves moved: the experts now act.
   grown = [k for k in state.params if _is_extra(k) and any(z in k for z in _ZERO_INIT)]
   assert grown and all(np.abs(np.asarray(state.params[k])).max() > 0 for k in grown)
-  trained = ckpt_lib.to_host({**state.frozen, **state.params})
-  ckpt_lib.save_params(str(tmp_path / "final"), trained)
-  restored = ckpt_lib.load_params(str(tmp_path / "final"), trained)
-  for k, v in trained.items():
-    np.testing.assert_array_equal(np.asarray(restored[k]), v, err_msg=k)
 
 
 def test_instance_routed_lora_folds_into_a_dense_model():
