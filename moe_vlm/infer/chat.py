@@ -97,7 +97,8 @@ class ChatSession:
     return cache._replace(index=jnp.asarray(start, jnp.int32))
 
   def _generate(self, prompt: np.ndarray, rng: jax.Array) -> list[int]:
-    """Prefills what the cache lacks of `prompt`, decodes, and records the new cache."""
+    """Prefills what the cache lacks of `prompt`, decodes, records the new cache, and
+    returns the answer's tokens (up to, excluding, the stop token)."""
     n = self.config.max_new_tokens
     common = self._reusable(prompt)
     start = self._slots[common - 1] + 1 if common else 0
@@ -112,9 +113,9 @@ class ChatSession:
     tokens, _, self._cache = extend(self.im.model, cache, valid, ids, pixels, self.config,
                                     rng=rng)
     tokens = np.asarray(tokens)[0].tolist()
+    answer = until_stop([tokens], self.config.eos_ids)[0]
+    steps = min(len(answer) + 1, n)  # through the stop token, or all n
     # The decode loop feeds every generated token but the last one into the cache.
-    stops = [i for i, t in enumerate(tokens) if t in set(self.config.eos_ids)]
-    steps = stops[0] + 1 if stops else n
     fed = tokens[:steps - 1]
     first = start + ids.shape[1] - len(delta)
     self._fed = prompt.tolist() + fed
@@ -122,7 +123,7 @@ class ChatSession:
                    + list(range(start + ids.shape[1], start + ids.shape[1] + len(fed))))
     self._valid = valid
     self.last = TurnStats(len(prompt), len(delta), tokens[:steps])
-    return tokens
+    return answer
 
   def ask(self, text: str) -> str:
     """Answers `text` given the previous turns; both join the conversation."""
@@ -131,8 +132,8 @@ class ChatSession:
       value = templates.IMAGE_PLACEHOLDER + "\n" + text
     question = {"from": templates.HUMAN, "value": value}
     prompt = np.asarray(self.im.encode(self.turns + [question]), np.int32)
-    tokens = self._generate(prompt, jax.random.fold_in(self.rng, len(self.turns)))
-    answer = self.im.decode(until_stop(np.asarray([tokens]), self.config.eos_ids)[0])
+    answer = self.im.decode(self._generate(prompt, jax.random.fold_in(self.rng,
+                                                                      len(self.turns))))
     self.turns += [question, {"from": templates.GPT, "value": answer}]
     return answer
 

@@ -22,6 +22,7 @@ placeholder without pixels behind it would be meaningless to the model).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Iterable, Optional, Sequence
 
@@ -250,16 +251,12 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
   _check_inputs(model, ids, mask, pixel_values)
   rng = jax.random.key(0) if rng is None else rng
   pixels = None if pixel_values is None else np.asarray(pixel_values, np.float32)
-  if mesh is None:
-    tokens, logits = _generate(model, _place(ids, None), _place(mask, None),
-                               _place(pixels, None), rng, config.knobs(),
-                               **_static(config, return_logits))
-  else:
+  if mesh is not None:
     mesh_lib.check_model_fits_mesh(model.cfg, mesh)
-    with mesh_lib.activation_sharding(mesh):
-      tokens, logits = _generate(model, _place(ids, mesh), _place(mask, mesh),
-                                 _place(pixels, mesh), rng, config.knobs(),
-                                 **_static(config, return_logits))
+  with (contextlib.nullcontext() if mesh is None else mesh_lib.activation_sharding(mesh)):
+    tokens, logits = _generate(model, _place(ids, mesh), _place(mask, mesh),
+                               _place(pixels, mesh), rng, config.knobs(),
+                               **_static(config, return_logits))
   return (tokens, logits) if return_logits else tokens
 
 
