@@ -270,6 +270,10 @@ class TextConfig:
   # Rematerialisation of each decoder block in the backward pass: "none", "full"
   # (save only block inputs), "dots" (save matmul outputs), "dots_no_batch".
   remat: str = "none"
+  # Causal self-attention runs its queries in this many blocks, each attending only
+  # the keys up to its last query: (n + 1) / 2n of the full L x L work, same result.
+  # 1 computes the full score matrix under the mask.
+  attention_causal_blocks: int = 4
 
   @property
   def dim_per_head(self) -> int:
@@ -287,6 +291,9 @@ class TextConfig:
       raise ConfigError(
           f"text.hidden_size={self.hidden_size} is not divisible by "
           f"text.num_heads={self.num_heads}; set text.head_dim")
+    if self.attention_causal_blocks < 1:
+      raise ConfigError(f"text.attention_causal_blocks={self.attention_causal_blocks}: "
+                        "expected an integer >= 1")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"text.num_heads={self.num_heads} is not a multiple of "
@@ -396,6 +403,9 @@ class PerceiverConfig:
     for name in ("n_latents", "depth", "num_heads", "head_dim", "num_kv_heads"):
       if getattr(self, name) < 1:
         raise ConfigError(f"perceiver.{name}={getattr(self, name)}: expected >= 1")
+    if self.attention_causal_blocks < 1:
+      raise ConfigError(f"text.attention_causal_blocks={self.attention_causal_blocks}: "
+                        "expected an integer >= 1")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"perceiver.num_heads={self.num_heads} is not a multiple of "

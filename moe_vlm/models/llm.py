@@ -36,7 +36,8 @@ class DecoderBlock(nnx.Module):
     self.input_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, rngs=rngs,
                            param_dtype=cfg.param_dtype)
     self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head,
-                          qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, **kw)
+                          qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias,
+                          causal_blocks=cfg.attention_causal_blocks, **kw)
     self.post_attn_norm = (None if cfg.parallel_residual else
                            Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, rngs=rngs,
                                 param_dtype=cfg.param_dtype))

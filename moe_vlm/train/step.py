@@ -60,8 +60,11 @@ def split_params(params: Params, trainable: Callable[[str], bool]) -> tuple[Para
 def token_loss(logits: jax.Array, input_ids: jax.Array,
                loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Sum of next-token CE over positions whose TARGET is an answer token, and their count."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], input_ids[:, 1:])
-  w = loss_mask[:, 1:].astype(jnp.float32)
+  # The targets move left (the last position gets a dummy target of weight 0) instead
+  # of the logits: slicing [B, L, V] logits copies them, and so does its gradient.
+  shift = lambda a: jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, shift(input_ids))
+  w = shift(loss_mask).astype(jnp.float32)
   return jnp.sum(ce * w), jnp.sum(w)
 
 
