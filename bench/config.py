@@ -25,6 +25,7 @@ from flax import nnx
 from moe_vlm.convert import hf
 from moe_vlm.models import gmm
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
+from moe_vlm.models.layers import causal_pairs
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
 from moe_vlm.parallel import mesh as mesh_lib
@@ -113,8 +114,9 @@ def train_step_flops(cfg: VLMConfig, batch: int, seq: int) -> dict[str, float]:
   - trainable parts (decoder, lm_head, projector): 6 x matmul weights x tokens
     (forward 2, backward 4); the MoE FFN counts its top_k active experts + the router;
   - attention scores and weighted values (q k^T and p v): 4 x L^2 x H x head_dim per
-    sequence per layer forward, the full L x L matrix (the implementation computes it
-    all; causal masking skips nothing), x3 with the backward;
+    sequence per layer forward, the full L x L matrix, x3 with the backward (the usual
+    convention, kept so figures stay comparable; the implementation's causal query
+    blocks skip part of the masked triangle: "attention_skipped", not in "total");
   - frozen vision tower: forward only (2 x weights x tokens + its attention), and only
     the layers up to `vision_feature_layer` (-2 skips the last one); no backward runs
     through it because neither its weights nor the pixels need a gradient.
@@ -150,6 +152,10 @@ def train_step_flops(cfg: VLMConfig, batch: int, seq: int) -> dict[str, float]:
       2.0 * batch * (layers_run * vis_layer_w * n_pos + patch_w * v.num_patches)
       + layers_run * 4.0 * batch * n_pos * n_pos * vd)
   out["total"] = sum(out.values())
+  # Causal query blocks (text.attention_causal_blocks) compute fewer than L^2 pairs.
+  pairs = causal_pairs(seq, t.attention_causal_blocks)
+  out["attention_skipped"] = (3.0 * t.num_layers * 4 * batch * (seq * seq - pairs)
+                              * t.num_heads * hd)
   # What XLA executes on top of that in the expert FFNs ("executed rows" x FFN weights):
   # - dropless, gmm_impl "ragged_dot": no XLA:CPU kernel, lowered densely (jax
   #   `_ragged_dot_general_impl`): each of the k*T sorted rows meets all E experts'

@@ -277,4 +277,5 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
 
 
 if __name__ == "__main__":
+  common.reexec_with_malloc_tunables("bench.moe_layer", sys.argv[1:])
   main(sys.argv[1:])

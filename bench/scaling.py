@@ -60,6 +60,7 @@ from bench import common
 from configs import topologies
 from moe_vlm.convert import hf
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
+from moe_vlm.models.layers import causal_pairs
 from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.train import preflight, stages as stages_lib
 
@@ -645,7 +646,8 @@ def step_flops(cfg: VLMConfig, train: str, batch: int, seq: int,
   "model": that work with the top_k active experts only - the MFU numerator.
   "hardware": what this implementation executes on top: the capacity path runs every
   slot of its [E, C] buffers (E*C*groups rows instead of k*T), and `remat="full"`
-  recomputes the forward of every decoder block a gradient passes through.
+  recomputes the forward of every decoder block a gradient passes through; less the
+  masked score pairs the causal query blocks skip ("causal_skip").
   """
   t, v = cfg.text, cfg.vision
   trains = trains or _trainable_parts(cfg, train)
@@ -663,8 +665,10 @@ def step_flops(cfg: VLMConfig, train: str, batch: int, seq: int,
       rows = t.moe.top_k * tokens
     exec_rows_per_token = rows / tokens
   scores = 4.0 * batch * seq * seq * t.num_heads * hd
+  # What the causal query blocks compute of the L x L scores (model FLOPs count all).
+  exec_scores = scores * causal_pairs(seq, t.attention_causal_blocks) / (seq * seq)
   out = dict.fromkeys(("vision", "projector", "attention", "ffn", "lm_head", "remat",
-                       "capacity_padding"), 0.0)
+                       "capacity_padding", "causal_skip"), 0.0)
   # Frozen vision tower, forward only: the layers up to vision_feature_layer.
   vd, n_pos = v.hidden_size, v.num_positions
   run = cfg.vision_feature_layer % (v.num_layers + 1)
@@ -686,6 +690,7 @@ def step_flops(cfg: VLMConfig, train: str, batch: int, seq: int,
     fwd = 2.0 * attn_w * tokens + scores
     bwd = 2.0 * attn_w * tokens * (below + a_tr) + 2 * scores * (below or a_tr)
     out["attention"] += fwd + bwd
+    out["causal_skip"] += (scores - exec_scores) * (1 + 2 * (below or a_tr))
     below = below or a_tr
     # FFN: dense, or the router plus top_k active experts
     m_tr = trains(pre + "mlp.")
@@ -698,12 +703,13 @@ def step_flops(cfg: VLMConfig, train: str, batch: int, seq: int,
     out["ffn"] += 2.0 * active * tokens * passes
     out["capacity_padding"] += 2.0 * (executed - active) * tokens * passes
     if block_has_backward and t.remat == "full":
-      out["remat"] += 2.0 * (attn_w + executed) * tokens + scores
+      out["remat"] += 2.0 * (attn_w + executed) * tokens + exec_scores
     below = below or m_tr
   head_w = d * t.vocab_size
   out["lm_head"] = 2.0 * head_w * tokens * (1 + below + trains("llm.lm_head"))
   out["model"] = sum(out[k] for k in ("vision", "projector", "attention", "ffn", "lm_head"))
-  out["hardware"] = out["model"] + out["remat"] + out["capacity_padding"]
+  out["hardware"] = (out["model"] + out["remat"] + out["capacity_padding"]
+                     - out["causal_skip"])
   out["tokens"] = float(tokens)
   return out
 

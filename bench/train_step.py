@@ -162,6 +162,55 @@ def loss_check(jax_ce: float, jax_aux: float, torch_ce: float, torch_aux: float,
           "match": bool(diff <= tol)}
 
 
+def matmul_rates(n: int, torch_device: str, reps: int) -> dict[str, list[float]]:
+  """Seconds per fp32 [n, n] @ [n, n] matmul of XLA, torch and numpy, interleaved.
+
+  The best of the three is the fastest the machine multiplies matrices with the
+  libraries at hand: numpy's BLAS can beat both frameworks' kernels on a CPU.
+  """
+  import torch
+  xla, _ = common.matmul_peak(n)
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+  ta, tb = torch.from_numpy(a).to(torch_device), torch.from_numpy(b).to(torch_device)
+
+  def torch_mm():
+    c = ta @ tb
+    if torch_device != "cpu":
+      torch.cuda.synchronize()
+    return c
+  fns = {"xla": xla, "torch": torch_mm}
+  if torch_device == "cpu":
+    fns["numpy"] = lambda: a @ b
+  return interleaved_times(fns, reps=max(reps, 3), per_round={k: 3 for k in fns})
+
+
+def ratio_ceiling(cfg, s: config.Sizes, t_torch: float, torch_device: str, reps: int,
+                  out: Callable[[str], None]) -> dict[str, float]:
+  """The jax/torch ratio a step could reach if it ran every model FLOP at the best
+  matmul rate measured here and did nothing else: best rate / torch's model FLOP rate.
+
+  A target ratio above it cannot be met by this step on this machine, whatever the
+  implementation (model FLOPs: `bench.config.train_step_flops`).
+  """
+  flops = config.train_step_flops(cfg, s.batch, s.seq)["total"]
+  times = matmul_rates(s.matmul_n, torch_device, reps)
+  mm_flops = 2.0 * s.matmul_n ** 3
+  rates = {k: mm_flops / median(v) for k, v in times.items()}
+  best = max(rates, key=rates.get)
+  torch_rate = flops / t_torch
+  out(f"== ceiling: fp32 {s.matmul_n}^3 matmul, median GFLOP/s: "
+      + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items()))
+  out(f"torch step runs {torch_rate / 1e9:.1f} model GFLOP/s = {torch_rate / rates[best]:.0%} "
+      f"of the best matmul ({best})")
+  ceiling = rates[best] / torch_rate
+  out(f"ratio ceiling (every model FLOP at the best matmul rate, nothing else): "
+      f"{ceiling:.2f} x torch")
+  return {"model_flops": flops, "torch_model_flops_per_s": torch_rate,
+          "best_matmul_flops_per_s": rates[best], "best_library": best,
+          "ratio_ceiling": ceiling}
+
+
 def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = print) -> dict:
   p = argparse.ArgumentParser(prog="python -m bench.train_step",
                               description=__doc__.split("\n")[0])
@@ -266,11 +315,14 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
         f"{fmt_time(min(times[name]))}) = {rate[name]:.1f} tokens/s")
   out(f"train_step tokens/s: jax {rate['jax']:.1f}, torch {rate['torch']:.1f}; "
       f"jax/torch = {ratio:.2f} x  [fastest/fastest {best:.2f} x]")
+  ceiling = ratio_ceiling(cfg, s, t_torch, torch_device, reps, out)
   out(f"# total wall time {time.perf_counter() - t0:.1f} s")
   return {"loss_check": check, "times": times, "tokens_per_s": rate, "ratio": ratio,
+          "ceiling": ceiling,
           "threads": {"xla": xla_threads, "torch": torch.get_num_threads()},
           "torch_experts": theirs.experts_impl}
 
 
 if __name__ == "__main__":
+  common.reexec_with_malloc_tunables("bench.train_step", sys.argv[1:])
   main(sys.argv[1:])

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensor
 
 RATIO = re.compile(r"^train_step tokens/s: jax (\S+), torch (\S+); jax/torch = (\S+) x\b")
 LOSS = re.compile(r"^initial loss: jax CE (\S+) .*; torch CE (\S+) .*: match$")
+CEILING = re.compile(r"^ratio ceiling \(.*\): (\S+) x torch$")
 THREADS = re.compile(r"^threads: jax/XLA:CPU (\d+) .*, torch (\d+) ")
 MFU = re.compile(r"^MFU vs measured matmul peak: (\S+)%$")
 PEAK = re.compile(r"^matmul peak .*: median (\S+) GFLOP/s")
@@ -54,6 +55,14 @@ def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   assert 0.5 < check["jax_aux"] < 2.0 * len(config.vlm_config(config.TINY).text.moe_layers())
   assert len([m for m in map(LOSS.match, lines) if m]) == 1, text
   # The same figures come back as data.
+  ceiling = [_positive(m.group(1)) for m in map(CEILING.match, lines) if m]
+  assert len(ceiling) == 1, text
+  c = results["ceiling"]
+  assert math.isclose(c["ratio_ceiling"], ceiling[0], rel_tol=0.01)
+  assert math.isclose(c["ratio_ceiling"],
+                      c["best_matmul_flops_per_s"] / c["torch_model_flops_per_s"], rel_tol=1e-9)
+  assert math.isclose(c["torch_model_flops_per_s"], c["model_flops"] * torch_rate
+                      / (config.TINY.batch * config.TINY.seq), rel_tol=0.02)
   assert math.isclose(results["ratio"], r, rel_tol=0.01)
   assert math.isclose(results["tokens_per_s"]["jax"], jax_rate, rel_tol=0.01)
   assert math.isclose(results["tokens_per_s"]["torch"], torch_rate, rel_tol=0.01)
@@ -83,10 +92,14 @@ def test_tiny_mfu_benchmark_prints_mfu_peak_and_xla_check():
   cfg = config.vlm_config(config.TINY)
   f = config.train_step_flops(cfg, config.TINY.batch, config.TINY.seq)
   # With the expert FLOPs XLA executes beyond the active ones (dense ragged_dot) or
-  # does not count (blocked gmm's loops) the formula agrees closely with XLA (the
-  # remainder is element-wise work the formula leaves out).
+  # does not count (blocked gmm's loops), and the attention pairs the causal blocks
+  # skip, the formula agrees closely with XLA (the remainder is element-wise work the
+  # formula leaves out).
   xla_flops = results["xla_flops"] + f.get("xla_uncounted", 0.0)
-  assert 0.9 < (f["total"] + f["executed_extra"]) / xla_flops <= 1.0
+  executed = f["total"] + f["executed_extra"] - f["attention_skipped"]
+  assert f["attention_skipped"] > 0
+  assert 0.9 < executed / xla_flops <= 1.0
+  assert math.isclose(results["executed_over_xla"], executed / xla_flops, rel_tol=1e-9)
   assert math.isclose(formula_over_xla, f["total"] / results["xla_flops"], abs_tol=0.0006)
   assert math.isclose(results["mfu"] * 100, got[0], abs_tol=0.06)
   assert math.isclose(results["peak_flops"] / 1e9, peak[0], rel_tol=0.01)

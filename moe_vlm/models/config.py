@@ -294,6 +294,9 @@ class TextConfig:
     if self.attention_causal_blocks < 1:
       raise ConfigError(f"text.attention_causal_blocks={self.attention_causal_blocks}: "
                         "expected an integer >= 1")
+    if self.attention_causal_blocks < 1:
+      raise ConfigError(f"text.attention_causal_blocks={self.attention_causal_blocks}: "
+                        "expected an integer >= 1")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"text.num_heads={self.num_heads} is not a multiple of "
@@ -403,9 +406,6 @@ class PerceiverConfig:
     for name in ("n_latents", "depth", "num_heads", "head_dim", "num_kv_heads"):
       if getattr(self, name) < 1:
         raise ConfigError(f"perceiver.{name}={getattr(self, name)}: expected >= 1")
-    if self.attention_causal_blocks < 1:
-      raise ConfigError(f"text.attention_causal_blocks={self.attention_causal_blocks}: "
-                        "expected an integer >= 1")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"perceiver.num_heads={self.num_heads} is not a multiple of "

@@ -228,6 +228,18 @@ class Attention(nnx.Module):
     return out if cache is None else (out, cache)
 
 
+def causal_blocks_bounds(length: int, causal_blocks: int) -> list[tuple[int, int]]:
+  """[start, end) of each query block; block [start, end) attends keys [0, end)."""
+  size = -(-length // max(causal_blocks, 1))
+  return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def causal_pairs(length: int, causal_blocks: int) -> int:
+  """Query-key pairs `dot_product_attention` computes for causal self-attention over
+  `length` tokens in `causal_blocks` blocks (length^2 at 1 block): FLOP accounting."""
+  return sum((end - start) * end for start, end in causal_blocks_bounds(length, causal_blocks))
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *,
                           causal_blocks: int = 1) -> Array:
   """softmax(q k^T / sqrt(d)) v with grouped kv heads; softmax in fp32.
@@ -254,10 +266,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *
   if causal_blocks > 1 and (lq != lk or mask is None):
     raise ValueError(f"causal_blocks={causal_blocks} needs causal self-attention (a mask "
                      f"and Lq == Lk), got Lq={lq}, Lk={lk}, mask={mask is not None}")
-  size = -(-lq // max(causal_blocks, 1))
   outs = []
-  for start in range(0, lq, size):
-    end = min(start + size, lq)
+  for start, end in causal_blocks_bounds(lq, causal_blocks):
     keys = end if causal_blocks > 1 else lk
     qb = qt[:, :, :, start:end].reshape(b, kv, g * (end - start), d)
     logits = jnp.einsum("bkqd,bksd->bkqs", qb, kt[:, :, :keys]).astype(jnp.float32)
