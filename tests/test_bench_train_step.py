@@ -12,6 +12,7 @@ import re
 import pytest
 
 from bench import config, mfu
+from bench import profile as bench_profile
 from bench import train_step as bench_train_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
@@ -117,3 +118,43 @@ def test_flop_formula_adds_back_what_xla_does_not_count_in_the_blocked_gmm():
   per_row = 6 * 3 * t.hidden_size * t.intermediate_size
   assert f["xla_uncounted"] == len(t.moe_layers()) * (rows - 8) * per_row
   assert f["executed_extra"] == 0
+
+
+KIND = re.compile(r"^kind (.+?)\s+(\S+) ms\s+(\S+)%$")
+
+
+def test_profile_kinds_follow_the_hlo_opcode():
+  hlo = """
+  %ynn_fusion.3 = f32[128,1408]{1,0} fusion(f32[128,512]{1,0} %a, f32[512,1408]{1,0} %b), kind=kCustom
+  %copy_bitcast_fusion.4 = f32[1408,2048]{1,0} fusion(%x), kind=kLoop, calls=%c
+  %transpose.2 = f32[3,2]{0,1} transpose(f32[2,3]{1,0} %t), dimensions={1,0}
+  ROOT %dot.5 = f32[2,2]{1,0} dot(f32[2,3]{1,0} %p, f32[3,2]{1,0} %q)
+  %while.7 = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body
+  %add_divide_fusion = f32[8]{0} fusion(%u, %v), kind=kLoop, calls=%d
+  %scatter.1 = f32[8]{0} scatter(%o, %i, %w), update_computation=%s
+  """
+  ops = bench_profile.hlo_ops(hlo)
+  assert ops["dot.5"] == bench_profile.HloOp("dot", "f32[2,2]")
+  assert ops["transpose.2"].opcode == "transpose"
+  kinds = {name: bench_profile.kind_of(name, op) for name, op in ops.items()}
+  assert kinds == {"ynn_fusion.3": "dot (YNNPACK)", "copy_bitcast_fusion.4": "copy / transpose",
+                   "transpose.2": "copy / transpose", "dot.5": "dot (XLA/Eigen)",
+                   "while.7": "while loop", "add_divide_fusion": "fused loop",
+                   "scatter.1": "other"}
+
+
+def test_tiny_profile_prints_where_the_step_time_goes():
+  lines = []
+  results = bench_profile.main(["--tiny", "--top", "4"], out=lines.append)
+  text = "\n".join(lines)
+  kinds = {m.group(1).strip(): (float(m.group(2)), float(m.group(3)))
+           for m in map(KIND.match, lines) if m}
+  assert kinds and math.isclose(sum(p for _, p in kinds.values()), 100.0, abs_tol=0.6), text
+  assert any(k.startswith("dot") and ms > 0 for k, (ms, _) in kinds.items()), text
+  assert math.isclose(results["total_s"], sum(results["per_kind_s"].values()), rel_tol=1e-9)
+  # Kinds sum the listed ops; the slowest four are printed with their kind.
+  assert math.isclose(results["total_s"], sum(t for t, _, _ in results["slowest"]),
+                      rel_tol=1e-9)
+  listed = [line for line in lines if re.match(r"^\s+\S+ ms x\d+ ", line)]
+  assert len(listed) == 4 and _positive(results["wall_s"]), text
+  assert results["host_s"] >= 0
