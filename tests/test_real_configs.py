@@ -64,9 +64,12 @@ def test_phi2_variant_loads_hf_checkpoints_and_trains(checkpoints, tmp_path):
   for k, f in ((1, "stage1.json"), (2, "stage2.json,stage3.json"), (3, "stage3.json")):
     c.stages[f"stage{k}"].update(data=f, batch_size=8, steps=2, epochs=0)
   c.log_every = 1
+  with c.unlocked():  # an execution setting the HF config.json does not carry
+    c.model.text.attention_causal_blocks = 2
   tok = tokenizer_lib.load_tokenizer(c.data.tokenizer)
   cfg = loop.model_config(c, tok)
   assert cfg.text.family == "phi" and cfg.text.parallel_residual and cfg.text.remat == "full"
+  assert cfg.text.attention_causal_blocks == 2
   assert cfg.vision.variant == "clip" and cfg.num_image_tokens == 4
   assert cfg.text.vocab_size == 640
   params = loop.initial_params(c, cfg)

@@ -76,7 +76,11 @@ def model_config(c: ml_collections.ConfigDict, tokenizer: Any) -> VLMConfig:
   text_cfg = dict(c.model.text)
   if c.init.hf_llm:
     text = hf.text_config_from_hf(hf.load_hf_config(c.init.hf_llm), text_cfg["dtype"])
-    text = dataclasses.replace(text, remat=text_cfg.get("remat", "none"))
+    # Execution settings the checkpoint's config.json does not carry come from c.model.
+    text = dataclasses.replace(
+        text, remat=text_cfg.get("remat", "none"),
+        attention_causal_blocks=text_cfg.get("attention_causal_blocks",
+                                             TextConfig.attention_causal_blocks))
   else:
     if not text_cfg.get("vocab_size"):
       text_cfg["vocab_size"] = -(-len(tokenizer) // 64) * 64  # padded: shards evenly
