@@ -294,9 +294,6 @@ class TextConfig:
     if self.attention_causal_blocks < 1:
       raise ConfigError(f"text.attention_causal_blocks={self.attention_causal_blocks}: "
                         "expected an integer >= 1")
-    if self.attention_causal_blocks < 1:
-      raise ConfigError(f"text.attention_causal_blocks={self.attention_causal_blocks}: "
-                        "expected an integer >= 1")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"text.num_heads={self.num_heads} is not a multiple of "
