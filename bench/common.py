@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -39,6 +40,12 @@ def reexec_with_malloc_tunables(module: str, argv: Sequence[str]) -> None:
     return
   env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
   os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
+# One instruction of HLO text, `%name = <shape> <opcode>(<operands>)<attributes>`:
+# groups name, shape (with its layout; a tuple shape may hold spaces), opcode, and the
+# rest of the line after the opening paren.
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 
 
 def block(x: Any) -> Any:

@@ -45,7 +45,6 @@ from bench.common import compile_all
 
 # Executor spans that enclose the ops (counting them would count the ops twice).
 _NOT_OPS = ("ThunkExecutor::", "SlinkyThreadPool::")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|[^\s(]+) ([\w\-]+)\(")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +57,7 @@ def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
   """Instruction name -> opcode and result shape, from `compiled.as_text()`."""
   ops = {}
   for line in hlo_text.splitlines():
-    m = _INSTRUCTION.match(line)
+    m = common.HLO_INSTRUCTION.match(line)
     if m:
       ops[m.group(1)] = HloOp(m.group(3), re.sub(r"\{[\d,]*\}$", "", m.group(2)))
   return ops

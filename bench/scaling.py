@@ -79,8 +79,7 @@ _DTYPE_BYTES = {
 }
 _ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) +
                     r")\[([0-9,]*)\]")
-# `%name = <shape> <opcode>(<operands>)<attributes>`; the shape may be a tuple with spaces.
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+# A computation's header, `%name (<params>) -> <shape> {` (instructions: common.HLO_INSTRUCTION).
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 
@@ -211,7 +210,7 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[CollectiveOp]:
   parsed = []
   computation, loop_bodies = "", set()
   for line in hlo_text.splitlines():
-    m = _INSTR.match(line)
+    m = common.HLO_INSTRUCTION.match(line)
     if not m:
       c = _COMPUTATION.match(line)
       if c and " = " not in line:
