@@ -258,14 +258,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *
   b, lq, h, d = q.shape
   lk, kv = k.shape[1], k.shape[2]
   g = h // kv
+  if causal_blocks > 1 and (lq != lk or mask is None):
+    raise ValueError(f"causal_blocks={causal_blocks} needs causal self-attention (a mask "
+                     f"and Lq == Lk), got Lq={lq}, Lk={lk}, mask={mask is not None}")
   # Batch axes (B, KV) first and the contracted axis last: the layout XLA's dot
   # kernels take as is. On the [B, L, H, D] layout XLA:CPU put a transpose around every
   # dot and its gradient (fwd+bwd 1.5-2x slower at L=256, measured in isolation).
   qt = q.reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, Lq, D]
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, Lk, D]
-  if causal_blocks > 1 and (lq != lk or mask is None):
-    raise ValueError(f"causal_blocks={causal_blocks} needs causal self-attention (a mask "
-                     f"and Lq == Lk), got Lq={lq}, Lk={lk}, mask={mask is not None}")
   outs = []
   for start, end in causal_blocks_bounds(lq, causal_blocks):
     keys = end if causal_blocks > 1 else lk
