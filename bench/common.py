@@ -53,13 +53,23 @@ def block(x: Any) -> Any:
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
-                      per_round: Optional[Mapping[str, int]] = None) -> dict[str, list[float]]:
+                      per_round: Optional[Mapping[str, int]] = None, settle: int = 0,
+                      settle_times: Optional[dict[str, list[float]]] = None,
+                      ) -> dict[str, list[float]]:
   """Seconds per call of each thunk, measured in `reps` interleaved rounds.
 
   The order alternates between rounds (forward, then reversed) so no candidate is
   always first after a pause. Each call is `block_until_ready`-ed before the clock
   stops. `per_round[name]` timed calls of `name` are made per round (default 1), for
   short thunks measured next to long ones.
+
+  `settle` untimed calls open each candidate's turn in every round, so the timed calls
+  measure back-to-back steady state, as in a training loop. Why it matters: on the VMs
+  these figures come from, memory a process freed and left idle for a few seconds is
+  reclaimed under it, and the next call that allocates it again pays for re-faulting
+  it (the jax train step's first step after 5 s of PyTorch spent 3.2-3.9 s in the
+  kernel instead of 0.3 s; the same after 15 s of sleep; see BENCHMARKS.md). With
+  `settle_times`, those calls' seconds are appended there by name.
   """
   names = list(fns)
   per_round = per_round or {}
@@ -69,6 +79,11 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], reps: int, warmup: i
   times: dict[str, list[float]] = {name: [] for name in names}
   for r in range(reps):
     for name in (names if r % 2 == 0 else names[::-1]):
+      for _ in range(settle):
+        t0 = time.perf_counter()
+        block(fns[name]())
+        if settle_times is not None:
+          settle_times.setdefault(name, []).append(time.perf_counter() - t0)
       for _ in range(per_round.get(name, 1)):
         t0 = time.perf_counter()
         block(fns[name]())

@@ -15,8 +15,9 @@ trained with our jit train step (`moe_vlm.train.step`) on a 1-device mesh.
   the blocked gmm (CPU default), the expert FLOPs XLA's count leaves out (it counts
   each while-loop body once); the two should then agree to within ~1%.
 - The peak is a jit-compiled [n, n] @ [n, n] matmul (n = 2048; fp32, or the compute
-  dtype), measured in the same run, three samples next to every step, in interleaved
-  rounds (`bench.common.interleaved_times`), so load bursts hit both.
+  dtype), measured in the same run, in interleaved rounds of three matmul samples and
+  two back-to-back steps, each turn opened by an untimed call
+  (`bench.common.interleaved_times`), so load bursts hit both.
 - MFU = model FLOPs / median step time / median matmul rate. The XLA-FLOP utilisation
   (XLA FLOPs instead of model FLOPs) and the MFU of the fastest samples are printed too.
 
@@ -58,10 +59,12 @@ def run(step: config.JaxStep, s: config.Sizes, out: Callable[[str], None]) -> di
   out(f"== Train step ({dispatch})")
   xla = xla_flops(step.compiled)
 
-  # Peak and step side by side: 3 matmuls next to every step, in alternating order.
+  # Peak and step side by side, in alternating order: per round 3 matmuls and 2 steps,
+  # each turn opened by one untimed call so the steps are timed back to back, as in
+  # training (see bench.common.interleaved_times on memory idle between turns).
   mm, mm_flops = matmul_peak(s.matmul_n, jnp.dtype(s.dtype))
   times = interleaved_times({"matmul": mm, "step": step}, reps=s.step_reps, warmup=1,
-                            per_round={"matmul": 3})
+                            per_round={"matmul": 3, "step": 2}, settle=1)
   t_step, t_mm = median(times["step"]), median(times["matmul"])
   peak = mm_flops / t_mm
   best_peak = mm_flops / min(times["matmul"])
@@ -103,7 +106,7 @@ def run(step: config.JaxStep, s: config.Sizes, out: Callable[[str], None]) -> di
     results["executed_over_xla"] = formula_executed / xla_executed
     results["xla_flops"] = xla
     results["formula_over_xla"] = model_flops / xla
-  out(f"step time: median {fmt_time(t_step)} over {s.step_reps} (min "
+  out(f"step time: median {fmt_time(t_step)} over {len(times['step'])} (min "
       f"{fmt_time(min(times['step']))}); {b * l / t_step:.1f} tokens/s; "
       f"{model_flops / t_step / 1e9:.2f} model GFLOP/s")
   out(f"matmul peak ({s.matmul_n}^3 {s.dtype}, jit, {len(times['matmul'])} samples): median "

@@ -149,7 +149,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   thunks = {v: step_thunk(r["cfg"], r["preset"], _timing_batch(r["cfg"], r["batch"],
                                                                r["length"]))
             for v, r in rows.items()}
-  times = {k: common.median(v) for k, v in common.interleaved_times(thunks, args.reps).items()}
+  times = {k: common.median(v) for k, v in common.interleaved_times(thunks, args.reps,
+                                                                         settle=1).items()}
   lines = table(rows, times)
   for line in lines:
     out(line)

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from bench import config, mfu
+from bench import common, config, mfu
 from bench import profile as bench_profile
 from bench import train_step as bench_train_step
 
@@ -65,8 +65,26 @@ def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   assert math.isclose(c["torch_model_flops_per_s"], c["model_flops"] * torch_rate
                       / (config.TINY.batch * config.TINY.seq), rel_tol=0.02)
   assert math.isclose(results["ratio"], r, rel_tol=0.01)
+  # Default turns: 1 untimed switch-in step, then 2 timed steps, per side and round.
+  reps = config.TINY.step_reps
+  assert {k: len(v) for k, v in results["times"].items()} == {"jax": 2 * reps,
+                                                              "torch": 2 * reps}
+  assert {k: len(v) for k, v in results["switch_in_times"].items()} == {"jax": reps,
+                                                                        "torch": reps}
   assert math.isclose(results["tokens_per_s"]["jax"], jax_rate, rel_tol=0.01)
   assert math.isclose(results["tokens_per_s"]["torch"], torch_rate, rel_tol=0.01)
+
+
+def test_interleaved_turns_settle_untimed_then_time_back_to_back():
+  calls = []
+  fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+  settled: dict = {}
+  times = common.interleaved_times(fns, reps=2, warmup=0, per_round={"a": 2, "b": 1},
+                                   settle=1, settle_times=settled)
+  # Round 0 in order, round 1 reversed; each turn: 1 settle call, then the timed ones.
+  assert calls == ["a", "a", "a", "b", "b", "b", "b", "a", "a", "a"]
+  assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 2}
+  assert {k: len(v) for k, v in settled.items()} == {"a": 2, "b": 2}
 
 
 def test_loss_check_rejects_different_losses():
