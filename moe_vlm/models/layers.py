@@ -33,6 +33,20 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
                    out_sharding=tuple(axes), eager_sharding=False)
 
 
+def token_matmul(x: Array, w: Array) -> Array:
+  """x[..., in] @ w[in, out], computed as one 2-D matmul over the flattened tokens.
+
+  Why flatten: a weight gradient contracts every leading (token) axis. With [B, L, in]
+  activations XLA:CPU lowers that contraction through transposing copies of the
+  activations' gradients (fused into e.g. silu's backward); with [B*L, in] it runs the
+  dot on the operands as they lie. The reshape is free in row-major layout.
+  """
+  if x.ndim <= 2:
+    return jnp.dot(x, w)
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), w)
+  return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Dense(nnx.Module):
   """y = x @ kernel + bias, kernel stored [in, out] (transpose of torch's Linear)."""
 
@@ -45,7 +59,7 @@ class Dense(nnx.Module):
     self.dtype = jnp.dtype(dtype)
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = token_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -20,7 +20,7 @@ from flax import nnx
 from moe_vlm.models.adapters import HyperExpert, LoRAMoE, masked_mean
 from moe_vlm.models.config import TextConfig
 from moe_vlm.models.layers import (MLP, Attention, Dense, KVCache, LayerCache, Norm, param,
-                                   rope_tables)
+                                   rope_tables, token_matmul)
 from moe_vlm.models.moe import MoE
 
 Array = jax.Array
@@ -231,7 +231,7 @@ class DecoderLM(nnx.Module):
         per_layer.append(stats)
     x = self.final_norm(x)
     if self.lm_head is None:
-      logits = jnp.dot(x, self.embed[...].astype(x.dtype).T)
+      logits = token_matmul(x, self.embed[...].astype(x.dtype).T)
     else:
       logits = self.lm_head(x)
     if cache is None:

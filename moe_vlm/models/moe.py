@@ -26,7 +26,8 @@ from flax import nnx
 
 from moe_vlm.models import gmm
 from moe_vlm.models.config import MoEConfig
-from moe_vlm.models.layers import activation, default_kernel_init, param, torch_linear_init
+from moe_vlm.models.layers import (activation, default_kernel_init, param, token_matmul,
+                                   torch_linear_init)
 from moe_vlm.parallel.mesh import constrain, current_mesh
 
 Array = jax.Array
@@ -43,7 +44,7 @@ class Router(nnx.Module):
                         jnp.float32)
 
   def __call__(self, x: Array) -> Array:
-    return jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+    return token_matmul(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
 
 
 class Experts(nnx.Module):
