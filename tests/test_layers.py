@@ -1,4 +1,4 @@
-"""Dense projections run as one 2-D matmul over the flattened tokens."""
+"""Dense projections over flattened tokens; RoPE tables from constants."""
 
 import re
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_vlm.models.layers import Dense, token_matmul
+from moe_vlm.models.layers import Dense, rope_tables, token_matmul
 
 CONTRACTING = re.compile(r"contracting_dims = \[([\d, ]*)\] x \[([\d, ]*)\]")
 
@@ -47,3 +47,21 @@ def test_dense_gradients_contract_a_single_flattened_token_axis():
   np.testing.assert_allclose(np.asarray(g_model.kernel[...]), 2 * xf.T @ y, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(g_x).reshape(-1, 6),
                              2 * y @ np.asarray(dense.kernel[...]).T, rtol=1e-5)
+
+
+def test_rope_tables_gathered_from_constants_match_the_computed_ones():
+  # Left-padded rows: positions from the mask, bounded by its width (as DecoderLM does).
+  from moe_vlm.models.llm import positions_from_mask
+  mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8, [0] * 7 + [1]], jnp.int32)
+  positions = positions_from_mask(mask)
+  for rotary_dim, theta in ((16, 10000.0), (8, 1e6)):
+    cos, sin = rope_tables(positions, rotary_dim, theta)
+    cos_t, sin_t = rope_tables(positions, rotary_dim, theta, num_positions=mask.shape[1])
+    assert cos_t.shape == cos.shape == (3, 8, rotary_dim)
+    np.testing.assert_allclose(np.asarray(cos_t), np.asarray(cos), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(sin_t), np.asarray(sin), atol=2e-6)
+    # And HF's definition in float64: angle = position * theta^(-2i/d), halves repeated.
+    inv = theta ** (-np.arange(0, rotary_dim, 2) / rotary_dim)
+    ang = np.asarray(positions, np.float64)[..., None] * inv
+    np.testing.assert_allclose(np.asarray(cos_t), np.cos(np.concatenate([ang, ang], -1)),
+                               atol=1e-5)

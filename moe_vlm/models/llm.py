@@ -192,13 +192,15 @@ class DecoderLM(nnx.Module):
     b, l, _ = x.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, l if cache is None else cache.length), jnp.int32)
+    num_positions = None  # a static bound on the positions, when they are ours
     if positions is None:
       positions = positions_from_mask(attention_mask)
+      num_positions = attention_mask.shape[1]
       if cache is not None:
         positions = jax.lax.dynamic_slice_in_dim(positions, cache.index, l, axis=1)
     mask = (causal_mask(attention_mask) if cache is None else
             cached_causal_mask(attention_mask, cache.index, l))
-    rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
+    rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta, num_positions)
     wanted = self.cfg.guides()
     if guide_mask is None:
       guide_mask = (attention_mask if cache is None else
