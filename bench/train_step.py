@@ -35,9 +35,9 @@ host, and the first step after the other side's turn pays for faulting it in aga
 round made the ratio 0.75x where back-to-back steps gave 0.95x, see BENCHMARKS.md).
 tokens/s = B x L / step time (median of the timed steps), and the ratio line is the
 median of the paired jax/torch ratios (j-th timed step of each side in one round).
-Compilation and the first (checking) step are excluded. Threads: torch gets as many intra-op threads as
-XLA:CPU uses (the cores this process may run on; `--torch-threads` overrides); both
-counts are printed. On a GPU torch runs on `cuda` when it can (`--torch-device`).
+Compilation and the first (checking) step are excluded. Threads: torch gets as many
+intra-op threads as XLA:CPU uses (the cores this process may run on; `--torch-threads`
+overrides); both counts are printed. On a GPU torch runs on `cuda` when it can (`--torch-device`).
 
 `--tiny` shrinks every shape so the whole run takes seconds (tests/test_bench_train_step.py).
 Benchmarks print figures; they assert nothing about speed.

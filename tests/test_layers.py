@@ -65,3 +65,16 @@ def test_rope_tables_gathered_from_constants_match_the_computed_ones():
     ang = np.asarray(positions, np.float64)[..., None] * inv
     np.testing.assert_allclose(np.asarray(cos_t), np.cos(np.concatenate([ang, ang], -1)),
                                atol=1e-5)
+
+
+def test_rope_tables_past_the_constant_bound_are_computed(monkeypatch):
+  from moe_vlm.models import layers
+  positions = jnp.arange(8)[None, :]
+  monkeypatch.setattr(layers, "ROPE_TABLE_MAX_ELEMENTS", 8 * 16 - 1)
+  text = jax.jit(lambda p: layers.rope_tables(p, 16, 1e4, num_positions=8)).lower(
+      positions).as_text()
+  assert "cosine" in text  # too big for a constant: computed on the device
+  monkeypatch.setattr(layers, "ROPE_TABLE_MAX_ELEMENTS", 8 * 16)
+  text = jax.jit(lambda p: layers.rope_tables(p, 16, 1e4, num_positions=8)).lower(
+      positions).as_text()
+  assert "cosine" not in text and "gather" in text

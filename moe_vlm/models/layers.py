@@ -107,6 +107,12 @@ def activation(name: str) -> Callable[[Array], Array]:
   raise ValueError(f"unknown activation {name!r}")
 
 
+# Largest rope table (positions x rotary_dim) kept as a constant: 4 MiB of float32 each
+# for cos and sin (2048 positions at rotary_dim 128 take 1 MiB). Longer contexts compute
+# the tables on the device instead of embedding them in the program.
+ROPE_TABLE_MAX_ELEMENTS = 1 << 20
+
+
 def rope_tables(positions: Array, rotary_dim: int, theta: float,
                 num_positions: Optional[int] = None) -> tuple[Array, Array]:
   """cos/sin of shape [B, L, rotary_dim] in HF's half-split ("rotate_half") layout.
@@ -114,18 +120,17 @@ def rope_tables(positions: Array, rotary_dim: int, theta: float,
   With `num_positions` (a static bound: every position is < it), the tables are
   gathered from [num_positions, rotary_dim] constants computed here in float32, as HF
   computes them, instead of by cos/sin on the device. Why: XLA:CPU fuses the cos/sin
-  into every consumer (q and k of each layer, forward and backward), recomputing the
-  trigonometry per head; that was ~4% of the benchmark train step. A gather fused there
-  instead is a load.
+  into every consumer (q and k of each layer, forward and backward) and so recomputes
+  the trigonometry per head; a gather fused there is a load. On the benchmark train
+  step that was worth 1.07x.
   """
   inv_freq = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
   inv_freq = inv_freq.astype(np.float32)
-  if num_positions is not None:
+  if num_positions is not None and num_positions * rotary_dim <= ROPE_TABLE_MAX_ELEMENTS:
     freqs = np.arange(num_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1)
-    cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
-    return (jnp.take(jnp.asarray(cos), positions, axis=0, mode="clip"),
-            jnp.take(jnp.asarray(sin), positions, axis=0, mode="clip"))
+    return (jnp.take(jnp.asarray(np.cos(emb)), positions, axis=0, mode="clip"),
+            jnp.take(jnp.asarray(np.sin(emb)), positions, axis=0, mode="clip"))
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
