@@ -9,16 +9,12 @@ import math
 import re
 
 from bench import moe_layer
+from tests.printed import positive
 
 RATIO = re.compile(r"^(moe_\S+)/\(top_k\*dense\) (fwd\+bwd|fwd): (\S+)x\b")
 MFU = re.compile(r"^MFU vs measured matmul peak: (\S+)%$")
 XLA = re.compile(r"^XLA cost_analysis flops: (\S+) GFLOP; formula / XLA = (\S+)$")
 
-
-def _positive(text):
-  value = float(text)
-  assert math.isfinite(value) and value > 0, text
-  return value
 
 
 def test_tiny_benchmark_prints_ratio_and_mfu_lines():
@@ -28,7 +24,7 @@ def test_tiny_benchmark_prints_ratio_and_mfu_lines():
   for line in lines:
     m = RATIO.match(line)
     if m:
-      ratios[(m.group(1), m.group(2))] = _positive(m.group(3))
+      ratios[(m.group(1), m.group(2))] = positive(m.group(3))
   expected = {(name, mode) for name in ("moe_dropless", "moe_dropless_blocked",
                                         "moe_capacity1.5", "moe_capacity2.0")
               for mode in ("fwd+bwd", "fwd")}
@@ -37,10 +33,10 @@ def test_tiny_benchmark_prints_ratio_and_mfu_lines():
   assert any(line.startswith(("router+dispatch share of moe_dropless",
                               "router+dispatch overhead for moe_dropless: n/a"))
              for line in lines)
-  mfu = [_positive(m.group(1)) for m in map(MFU.match, lines) if m]
+  mfu = [positive(m.group(1)) for m in map(MFU.match, lines) if m]
   assert len(mfu) == 1, "\n".join(lines)
   xla = [m for m in map(XLA.match, lines) if m]
-  assert len(xla) == 1 and _positive(xla[0].group(2)), "\n".join(lines)
+  assert len(xla) == 1 and positive(xla[0].group(2)), "\n".join(lines)
   # The same figures come back as data.
   for (name, mode), printed in ratios.items():
     assert math.isclose(results["layer"][f"{name}/{mode}"], printed, abs_tol=0.006)

@@ -11,6 +11,7 @@ import re
 import pytest
 
 from bench import generate as bench_generate
+from tests.printed import positive
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
@@ -20,11 +21,6 @@ AGREE = re.compile(r"^greedy token agreement, first (\d+) steps: (\d+)/(\d+) \(\
                    r"rows equal over all (\d+) steps: (\d+)/(\d+)")
 
 
-def _positive(text):
-  value = float(text)
-  assert math.isfinite(value) and value > 0, text
-  return value
-
 
 def test_tiny_generation_benchmark_prints_ratio_and_agreement():
   lines = []
@@ -33,10 +29,10 @@ def test_tiny_generation_benchmark_prints_ratio_and_agreement():
   results = bench_generate.main(["--tiny", "--torch-threads", "1", "--device-note", "pytest"],
                                 out=lines.append)
   text = "\n".join(lines)
-  ratio = [_positive(m.group(1)) for m in map(RATIO.match, lines) if m]
+  ratio = [positive(m.group(1)) for m in map(RATIO.match, lines) if m]
   assert len(ratio) == 1, text
   rates = [m for m in map(RATES.match, lines) if m]
-  assert len(rates) == 1 and all(_positive(x) for x in rates[0].groups()), text
+  assert len(rates) == 1 and all(positive(x) for x in rates[0].groups()), text
   agree = [m for m in map(AGREE.match, lines) if m]
   assert len(agree) == 1, text
   steps, equal, total, n, rows_equal, rows = map(int, agree[0].groups())

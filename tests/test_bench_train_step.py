@@ -14,6 +14,7 @@ import pytest
 from bench import common, config, mfu
 from bench import profile as bench_profile
 from bench import train_step as bench_train_step
+from tests.printed import positive
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
@@ -26,11 +27,6 @@ PEAK = re.compile(r"^matmul peak .*: median (\S+) GFLOP/s")
 XLA = re.compile(r"^XLA cost_analysis flops: (\S+) GFLOP; formula / XLA = (\S+)$")
 
 
-def _positive(text):
-  value = float(text)
-  assert math.isfinite(value) and value > 0, text
-  return value
-
 
 def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   lines = []
@@ -41,7 +37,7 @@ def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   text = "\n".join(lines)
   ratio = [m for m in map(RATIO.match, lines) if m]
   assert len(ratio) == 1, text
-  jax_rate, torch_rate, r = (_positive(x) for x in ratio[0].groups())
+  jax_rate, torch_rate, r = (positive(x) for x in ratio[0].groups())
   threads = [m for m in map(THREADS.match, lines) if m]
   assert len(threads) == 1 and int(threads[0].group(2)) == 1, text
   # The same model and batch on both sides: the initial losses agree (an assertion of
@@ -56,7 +52,7 @@ def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   assert 0.5 < check["jax_aux"] < 2.0 * len(config.vlm_config(config.TINY).text.moe_layers())
   assert len([m for m in map(LOSS.match, lines) if m]) == 1, text
   # The same figures come back as data.
-  ceiling = [_positive(m.group(1)) for m in map(CEILING.match, lines) if m]
+  ceiling = [positive(m.group(1)) for m in map(CEILING.match, lines) if m]
   assert len(ceiling) == 1, text
   c = results["ceiling"]
   assert math.isclose(c["ratio_ceiling"], ceiling[0], rel_tol=0.01)
@@ -100,13 +96,13 @@ def test_tiny_mfu_benchmark_prints_mfu_peak_and_xla_check():
   lines = []
   results = mfu.main(["--tiny", "--device-note", "pytest"], out=lines.append)
   text = "\n".join(lines)
-  got = [_positive(m.group(1)) for m in map(MFU.match, lines) if m]
+  got = [positive(m.group(1)) for m in map(MFU.match, lines) if m]
   assert len(got) == 1, text
-  peak = [_positive(m.group(1)) for m in map(PEAK.match, lines) if m]
+  peak = [positive(m.group(1)) for m in map(PEAK.match, lines) if m]
   assert len(peak) == 1, text
   xla = [m for m in map(XLA.match, lines) if m]
   assert len(xla) == 1, text
-  xla_gflop, formula_over_xla = _positive(xla[0].group(1)), _positive(xla[0].group(2))
+  xla_gflop, formula_over_xla = positive(xla[0].group(1)), positive(xla[0].group(2))
   assert math.isclose(results["xla_flops"] / 1e9, xla_gflop, abs_tol=0.006)
   cfg = config.vlm_config(config.TINY)
   f = config.train_step_flops(cfg, config.TINY.batch, config.TINY.seq)
@@ -174,5 +170,5 @@ def test_tiny_profile_prints_where_the_step_time_goes():
   assert math.isclose(results["total_s"], sum(t for t, _, _ in results["slowest"]),
                       rel_tol=1e-9)
   listed = [line for line in lines if re.match(r"^\s+\S+ ms x\d+ ", line)]
-  assert len(listed) == 4 and _positive(results["wall_s"]), text
+  assert len(listed) == 4 and positive(results["wall_s"]), text
   assert results["host_s"] >= 0
