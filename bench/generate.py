@@ -242,8 +242,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     full, pre = median(times[name]), median(times[name + "_prefill"])
     out(f"{name:8s} generate {n} tokens: {fmt_time(full)}  prefill + first token: "
         f"{fmt_time(pre)}  end-to-end {b * n / full:8.1f} tokens/s")
-  e2e = median([p / j for j, p in zip(times["jax"], times["pytorch"])])
-  pre_ratio = median([p / j for j, p in zip(times["jax_prefill"], times["pytorch_prefill"])])
+  e2e = common.paired_ratio(times["pytorch"], times["jax"])
+  pre_ratio = common.paired_ratio(times["pytorch_prefill"], times["jax_prefill"])
   results.update(end_to_end_ratio=e2e, prefill_ratio=pre_ratio,
                  prefill_s={k: median(times[k + "_prefill"]) for k in ("jax", "pytorch")})
   if skipped:

@@ -37,7 +37,8 @@ tokens/s = B x L / step time (median of the timed steps), and the ratio line is 
 median of the paired jax/torch ratios (j-th timed step of each side in one round).
 Compilation and the first (checking) step are excluded. Threads: torch gets as many
 intra-op threads as XLA:CPU uses (the cores this process may run on; `--torch-threads`
-overrides); both counts are printed. On a GPU torch runs on `cuda` when it can (`--torch-device`).
+overrides); both counts are printed. On a GPU torch runs on `cuda` when it can
+(`--torch-device`).
 
 `--tiny` shrinks every shape so the whole run takes seconds (tests/test_bench_train_step.py).
 Benchmarks print figures; they assert nothing about speed.
@@ -326,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   tokens = b * l
   t_jax, t_torch = median(times["jax"]), median(times["torch"])
   rate = {"jax": tokens / t_jax, "torch": tokens / t_torch}
-  ratio = median([tt / tj for tj, tt in zip(times["jax"], times["torch"])])
+  ratio = common.paired_ratio(times["torch"], times["jax"])
   best = min(times["torch"]) / min(times["jax"])
   out(f"== timings: {reps} interleaved rounds; per round each side runs {args.settle} "
       f"untimed + {args.steps_per_turn} timed steps back to back")

@@ -16,7 +16,6 @@ MFU = re.compile(r"^MFU vs measured matmul peak: (\S+)%$")
 XLA = re.compile(r"^XLA cost_analysis flops: (\S+) GFLOP; formula / XLA = (\S+)$")
 
 
-
 def test_tiny_benchmark_prints_ratio_and_mfu_lines():
   lines = []
   results = moe_layer.main(["--tiny", "--device-note", "pytest"], out=lines.append)

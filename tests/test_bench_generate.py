@@ -21,7 +21,6 @@ AGREE = re.compile(r"^greedy token agreement, first (\d+) steps: (\d+)/(\d+) \(\
                    r"rows equal over all (\d+) steps: (\d+)/(\d+)")
 
 
-
 def test_tiny_generation_benchmark_prints_ratio_and_agreement():
   lines = []
   # One torch thread: on a loaded 2-core machine torch's intra-op threads wait on each

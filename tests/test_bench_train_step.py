@@ -27,7 +27,6 @@ PEAK = re.compile(r"^matmul peak .*: median (\S+) GFLOP/s")
 XLA = re.compile(r"^XLA cost_analysis flops: (\S+) GFLOP; formula / XLA = (\S+)$")
 
 
-
 def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   lines = []
   # One torch thread: on a loaded 2-core machine torch's intra-op threads wait on each
