@@ -253,9 +253,11 @@ class JaxStep:
 
 
 def jax_train_step(model: VLM, batch: dict[str, np.ndarray],
-                   optim: Optional[OptimConfig] = None) -> JaxStep:
+                   optim: Optional[OptimConfig] = None,
+                   head_fraction: Optional[float] = None) -> JaxStep:
   """Our jit train step (`make_train_step` + AdamW of `make_optimizer`, stage preset
   `STAGE_PRESET` so the vision tower is frozen) on a 1-device mesh, lowered.
+  `head_fraction`: `StepConfig.head_fraction` (None: the LM head on every position).
 
   The model's arrays become the train state, which every step donates: do not use
   `model` afterwards.
@@ -268,7 +270,8 @@ def jax_train_step(model: VLM, batch: dict[str, np.ndarray],
   n_train = sum(int(np.prod(p.shape)) for k, p in params.items() if trainable(k))
   mesh = mesh_lib.make_mesh(dict(zip(mesh_lib.MESH_AXES, (1, 1, 1, 1))), jax.devices()[:1])
   step_cfg = step_lib.StepConfig(optim=optim or OptimConfig(learning_rate=1e-4,
-                                                            total_steps=1000))
+                                                            total_steps=1000),
+                                 head_fraction=head_fraction)
   tx = step_lib.make_optimizer(step_cfg.optim)
   shardings = step_lib.state_shardings(codec, trainable, mesh, tx)
   state = step_lib.init_state(params, trainable, tx, shardings)

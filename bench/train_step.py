@@ -1,7 +1,7 @@
 """Train-step tokens/s of our jit train step vs transformers PyTorch, same model and batch.
 
     python -m bench.train_step [--tiny] [--device-note TEXT] [--reps N] [--dtype bfloat16]
-                               [--torch-threads N] [--torch-experts IMPL]
+                               [--torch-threads N] [--torch-experts IMPL] [--head-fraction F]
 
 The benchmark model of `bench.config` (CLIP-style ViT 4 x 256, 112 px / 14 px patches;
 Qwen2-style decoder 8 x 512, 8 q / 4 kv heads, FFN 1408, 4 experts top-2 in every other
@@ -19,6 +19,13 @@ of 8 x 256 tokens (64 image tokens per row, loss on the answer part) by:
   backward, `clip_grad_norm_(1.0)` and `torch.optim.AdamW`. transformers' Qwen2-MoE
   never drops tokens (each expert's routed rows are gathered and computed), so both
   sides are dropless.
+
+LM head: transformers computes the logits of every position and masks the loss. Our
+step (`StepConfig.head_fraction`, `moe_vlm.train.step.answer_loss`) gathers the
+positions that have a target first and runs the final norm, the [512, 8000] head and
+the softmax only there: 160 of 256 positions per row here (the batch's 159 targets,
+rounded up to 8). Same loss and gradients; `--head-fraction 0` runs the full head, to
+compare the implementations alone.
 
 Before timing, the first step of each side is the correctness check: their initial
 losses (cross-entropy, and cross-entropy + 0.01 x aux) must agree within 1e-3 (fp32;
@@ -194,12 +201,15 @@ def matmul_rates(n: int, torch_device: str, reps: int) -> dict[str, list[float]]
 
 
 def ratio_ceiling(cfg, s: config.Sizes, t_torch: float, torch_device: str, reps: int,
-                  out: Callable[[str], None]) -> dict[str, float]:
+                  out: Callable[[str], None], head_rows: Optional[int] = None
+                  ) -> dict[str, float]:
   """The jax/torch ratio a step could reach if it ran every model FLOP at the best
   matmul rate measured here and did nothing else: best rate / torch's model FLOP rate.
 
   A target ratio above it cannot be met by this step on this machine, whatever the
-  implementation (model FLOPs: `bench.config.train_step_flops`).
+  implementation (model FLOPs: `bench.config.train_step_flops`). With the LM head on
+  only `head_rows` positions per row, our step skips part of those FLOPs, and its
+  ceiling rises by the same factor (printed as a second line).
   """
   flops = config.train_step_flops(cfg, s.batch, s.seq)["total"]
   times = matmul_rates(s.matmul_n, torch_device, reps)
@@ -214,9 +224,15 @@ def ratio_ceiling(cfg, s: config.Sizes, t_torch: float, torch_device: str, reps:
   ceiling = rates[best] / torch_rate
   out(f"ratio ceiling (every model FLOP at the best matmul rate, nothing else): "
       f"{ceiling:.2f} x torch")
-  return {"model_flops": flops, "torch_model_flops_per_s": torch_rate,
-          "best_matmul_flops_per_s": rates[best], "best_library": best,
-          "ratio_ceiling": ceiling}
+  result = {"model_flops": flops, "torch_model_flops_per_s": torch_rate,
+            "best_matmul_flops_per_s": rates[best], "best_library": best,
+            "ratio_ceiling": ceiling}
+  if head_rows is not None and head_rows < s.seq:
+    skipped = 6.0 * cfg.text.hidden_size * cfg.text.vocab_size * s.batch * (s.seq - head_rows)
+    result["compact_head_ceiling"] = ceiling * flops / (flops - skipped)
+    out(f"our LM head skips {skipped / 1e9:.4g} of those {flops / 1e9:.4g} GFLOP (positions "
+        f"without a target): ceiling for our step {result['compact_head_ceiling']:.2f} x torch")
+  return result
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = print) -> dict:
@@ -238,6 +254,10 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
                  help="torch device (default: cuda if jax runs on a GPU and torch has CUDA)")
   p.add_argument("--torch-experts", default=None,
                  help="transformers experts_implementation (default: transformers' own)")
+  p.add_argument("--head-fraction", type=float, default=None,
+                 help="jax: StepConfig.head_fraction, the LM head only on that fraction of "
+                 "each row's positions, where the targets are (default: the batch's "
+                 "targets per row / seq; 0: every position, as transformers does)")
   args = p.parse_args(argv)
   s = config.TINY if args.tiny else config.FULL
   reps = args.reps if args.reps is not None else s.step_reps
@@ -247,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     p.error(f"--settle={args.settle}: expected 0 or more untimed steps")
   if args.steps_per_turn < 1:
     p.error(f"--steps-per-turn={args.steps_per_turn}: expected at least 1")
+  if args.head_fraction is not None and not 0.0 <= args.head_fraction <= 1.0:
+    p.error(f"--head-fraction={args.head_fraction}: expected a fraction in [0, 1]")
   if args.torch_threads is not None and args.torch_threads < 1:
     p.error(f"--torch-threads={args.torch_threads}: expected at least 1")
   s = dataclasses.replace(s, dtype=args.dtype)
@@ -280,8 +302,16 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     theirs = TorchStep(tmp, batch, device=torch_device, dtype=s.dtype,
                        aux_loss_coef=0.01, clip_norm=optim.clip_norm,
                        lr=optim.learning_rate, experts_impl=args.torch_experts)
-  ours = config.jax_train_step(model, batch, optim)  # takes the model's arrays
+  targets_per_row = int(batch["loss_mask"][:, 1:].sum(1).max())
+  head_fraction = (targets_per_row / l if args.head_fraction is None
+                   else args.head_fraction or None)
+  # takes the model's arrays:
+  ours = config.jax_train_step(model, batch, optim, head_fraction=head_fraction)
   del model
+  head_rows = ours.step_cfg.head_capacity(l) or l
+  out(f"jax LM head + loss on {head_rows} of {l} positions per row (head_fraction "
+      f"{head_fraction or 0:.3f}; the batch has {targets_per_row} targets per row); "
+      f"transformers on all {l}")
   aux_coef = ours.step_cfg.aux_loss_coef
   if aux_coef != theirs.aux_loss_coef:
     raise RuntimeError(f"aux loss coefficients differ: jax {aux_coef}, torch "
@@ -313,7 +343,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
       f"torch CE {check['torch_ce']:.6f} + {aux_coef} x aux {check['torch_aux']:.6f}; "
       f"max |diff| {check['max_abs_diff']:.2e} (tolerance {check['tol']:.0e}): "
       f"{'match' if check['match'] else 'MISMATCH'}")
-  out(f"first steps: jax {first_jax:.2f} s, torch {first_torch:.2f} s")
+  out(f"first steps: jax {first_jax:.2f} s, torch {first_torch:.2f} s; jax ran the "
+      f"{'full' if float(m['head_full']) else 'compact'} LM head")
   if not check["match"]:
     raise RuntimeError(f"initial losses differ by {check['max_abs_diff']:.3g} > "
                        f"{check['tol']}: the two sides do not train the same model on the "
@@ -339,13 +370,16 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
         + ", ".join(f"{k} median {fmt_time(median(v)).strip()}" for k, v in switch_in.items()))
   out(f"train_step tokens/s: jax {rate['jax']:.1f}, torch {rate['torch']:.1f}; "
       f"jax/torch = {ratio:.2f} x  [fastest/fastest {best:.2f} x]")
-  ceiling = ratio_ceiling(cfg, s, t_torch, torch_device, reps, out)
+  ceiling = ratio_ceiling(cfg, s, t_torch, torch_device, reps, out,
+                          head_rows=head_rows if not float(m["head_full"]) else l)
   out(f"# total wall time {time.perf_counter() - t0:.1f} s")
   return {"loss_check": check, "times": times, "switch_in_times": switch_in,
           "tokens_per_s": rate, "ratio": ratio,
           "ceiling": ceiling,
           "threads": {"xla": xla_threads, "torch": torch.get_num_threads()},
-          "torch_experts": theirs.experts_impl}
+          "torch_experts": theirs.experts_impl,
+          "head": {"rows": head_rows, "targets_per_row": targets_per_row,
+                   "full": bool(float(m["head_full"]))}}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ CEILING = re.compile(r"^ratio ceiling \(.*\): (\S+) x torch$")
 THREADS = re.compile(r"^threads: jax/XLA:CPU (\d+) .*, torch (\d+) ")
 MFU = re.compile(r"^MFU vs measured matmul peak: (\S+)%$")
 PEAK = re.compile(r"^matmul peak .*: median (\S+) GFLOP/s")
+HEAD = re.compile(r"^jax LM head \+ loss on (\d+) of (\d+) positions per row .* (\d+) targets "
+                  r"per row\); transformers on all (\d+)$")
+COMPACT = re.compile(r"^our LM head skips (\S+) of those (\S+) GFLOP .*: ceiling for our step "
+                     r"(\S+) x torch$")
 XLA = re.compile(r"^XLA cost_analysis flops: (\S+) GFLOP; formula / XLA = (\S+)$")
 
 
@@ -68,6 +72,21 @@ def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
                                                                         "torch": reps}
   assert math.isclose(results["tokens_per_s"]["jax"], jax_rate, rel_tol=0.01)
   assert math.isclose(results["tokens_per_s"]["torch"], torch_rate, rel_tol=0.01)
+  # Our LM head ran only on the target positions (rounded up to 8), torch's on all.
+  head = [m.groups() for m in map(HEAD.match, lines) if m]
+  assert len(head) == 1, text
+  rows, seq, targets, torch_rows = map(int, head[0])
+  assert seq == torch_rows == config.TINY.seq and targets < rows < seq and rows % 8 == 0
+  assert results["head"] == {"rows": rows, "targets_per_row": targets, "full": False}
+  assert "jax ran the compact LM head" in text
+  compact = [m.groups() for m in map(COMPACT.match, lines) if m]
+  assert len(compact) == 1, text
+  skipped, total, compact_ceiling = map(positive, compact[0])
+  t = config.vlm_config(config.TINY).text
+  assert math.isclose(skipped * 1e9, 6.0 * t.hidden_size * t.vocab_size * config.TINY.batch
+                      * (seq - rows), rel_tol=0.01)
+  assert math.isclose(compact_ceiling, c["ratio_ceiling"] * total / (total - skipped),
+                      rel_tol=0.02)
 
 
 def test_interleaved_turns_settle_untimed_then_time_back_to_back():

@@ -164,6 +164,20 @@ class DecoderLM(nnx.Module):
   def embed_tokens(self, input_ids: Array) -> Array:
     return jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
 
+  def head(self, x: Array) -> Array:
+    """Final norm + LM head: last-layer hidden states [..., L, D] -> fp32 logits.
+
+    Per token, so it may run on any subset of positions: training applies it only where
+    a loss target is (`train.step.answer_loss`), which skips the image tokens and the
+    prompt - most of a LLaVA sequence, and a large share of the step FLOPs at a 150k
+    vocabulary."""
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = token_matmul(x, self.embed[...].astype(x.dtype).T)
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32)
+
   def __call__(self, input_ids: Optional[Array] = None, *,
                inputs_embeds: Optional[Array] = None,
                attention_mask: Optional[Array] = None,
@@ -173,9 +187,12 @@ class DecoderLM(nnx.Module):
                dispatch: Optional[str] = None,
                cache: Optional[KVCache] = None,
                rng: Optional[Array] = None,
-               guide_mask: Optional[Array] = None
+               guide_mask: Optional[Array] = None,
+               return_hidden: bool = False
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns logits [B, L, V] (fp32) and `aux`: summed MoE losses + per-layer stats.
+    With `return_hidden`, the last layer's hidden states [B, L, D] instead of the logits
+    (before the final norm: `head` maps them to logits).
 
     aux["aux_loss"] is the SUM over MoE layers of the load-balancing loss (MoE-LLaVA adds
     coef * sum); per-layer statistics are stacked on a leading [num_moe_layers] axis.
@@ -231,14 +248,10 @@ class DecoderLM(nnx.Module):
         cache = view.cache
       if stats is not None:
         per_layer.append(stats)
-    x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = token_matmul(x, self.embed[...].astype(x.dtype).T)
-    else:
-      logits = self.lm_head(x)
+    out = x if return_hidden else self.head(x)
     if cache is None:
-      return logits.astype(jnp.float32), summarize_moe(per_layer)
-    return logits.astype(jnp.float32), summarize_moe(per_layer), cache._replace(
+      return out, summarize_moe(per_layer)
+    return out, summarize_moe(per_layer), cache._replace(
         index=cache.index + l, guides=guides or None)
 
 

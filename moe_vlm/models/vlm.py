@@ -74,10 +74,13 @@ class VLM(nnx.Module):
   def __call__(self, input_ids: Array, pixel_values: Optional[Array] = None,
                attention_mask: Optional[Array] = None, *, train: bool = False,
                dispatch: Optional[str] = None, cache: Optional[KVCache] = None,
-               rng: Optional[Array] = None, guide_mask: Optional[Array] = None
+               rng: Optional[Array] = None, guide_mask: Optional[Array] = None,
+               return_hidden: bool = False
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns (logits [B, L, V] fp32, aux) - aux holds the summed MoE losses and the
-    per-layer routing statistics split by modality (see `DecoderLM`).
+    per-layer routing statistics split by modality (see `DecoderLM`). With
+    `return_hidden`: the LLM's last hidden states in place of the logits
+    (`self.llm.head` maps them to logits).
 
     With a `cache` (KV-cache decoding): input_ids are the L tokens written at slots
     cache.index.., attention_mask is [B, T] over all cache slots, and the call returns
@@ -100,4 +103,4 @@ class VLM(nnx.Module):
     modality = jnp.where(token_mask.astype(bool), jnp.where(is_image, IMAGE, TEXT), PAD)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, modality=modality,
                     train=train, dispatch=dispatch, cache=cache, rng=rng,
-                    guide_mask=guide_mask)
+                    guide_mask=guide_mask, return_hidden=return_hidden)

@@ -339,9 +339,22 @@ class MetricsWriter:
       self.tb.close()
 
 
+def step_config(c: ml_collections.ConfigDict, s: ml_collections.ConfigDict,
+                total_steps: int) -> step_lib.StepConfig:
+  """The train step's settings for stage config `s` (`c.stages.stageK`)."""
+  head_fraction = s.get("head_fraction", 0.0)  # 0: the LM head on every position
+  return step_lib.StepConfig(
+      optim=OptimConfig(learning_rate=s.learning_rate, warmup_ratio=s.warmup_ratio,
+                        total_steps=total_steps, weight_decay=s.weight_decay,
+                        clip_norm=s.clip_norm),
+      grad_accum=s.grad_accum, aux_loss_coef=c.moe.aux_loss_coef,
+      z_loss_coef=c.moe.z_loss_coef, head_fraction=head_fraction or None)
+
+
 def _scalars(metrics: dict, counters: Counters, rate: float) -> dict[str, float]:
   out = {k: float(metrics[k]) for k in ("loss", "aux_loss", "z_loss", "grad_norm", "lr")}
   out["tokens_per_s"] = rate
+  out["head_full"] = float(metrics["head_full"])  # share of steps that ran the full LM head
   out["bad_samples"] = float(sum(counters.bad.values()))
   out["truncated_samples"] = float(counters.truncated)
   if "moe/tokens_per_expert" in metrics:
@@ -387,11 +400,7 @@ def run_stage(k: int, c: ml_collections.ConfigDict, workdir: str, dense_cfg: VLM
   steps = s.steps or max(1, s.epochs * len(source) // s.batch_size)
   mesh_lib.check_model_fits_mesh(cfg, mesh, s.batch_size)
   trainable = stages_lib.trainable_fn(s.train, tuple(s.extra_modules))
-  step_cfg = step_lib.StepConfig(
-      optim=OptimConfig(learning_rate=s.learning_rate, warmup_ratio=s.warmup_ratio,
-                        total_steps=steps, weight_decay=s.weight_decay, clip_norm=s.clip_norm),
-      grad_accum=s.grad_accum, aux_loss_coef=c.moe.aux_loss_coef,
-      z_loss_coef=c.moe.z_loss_coef)
+  step_cfg = step_config(c, s, steps)
   tx = step_lib.make_optimizer(step_cfg.optim)
   shardings = step_lib.state_shardings(codec, trainable, mesh, tx)
   data = pipeline_lib.make_pipeline(

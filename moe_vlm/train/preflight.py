@@ -33,7 +33,6 @@ from moe_vlm.models.vlm import VLM
 from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.train import stages as stages_lib
 from moe_vlm.train import step as step_lib
-from moe_vlm.train.optim import OptimConfig
 
 log = logging.getLogger("moe_vlm")
 GiB = 1024 ** 3
@@ -167,12 +166,7 @@ def preflight_config(c: ml_collections.ConfigDict, stages: Sequence[int] = (1, 2
   reports = {}
   for k in stages:
     s = c.stages[f"stage{k}"]
-    step_cfg = step_lib.StepConfig(
-        optim=OptimConfig(learning_rate=s.learning_rate, warmup_ratio=s.warmup_ratio,
-                          total_steps=max(1, s.steps), weight_decay=s.weight_decay,
-                          clip_norm=s.clip_norm),
-        grad_accum=s.grad_accum, aux_loss_coef=c.moe.aux_loss_coef,
-        z_loss_coef=c.moe.z_loss_coef)
+    step_cfg = loop.step_config(c, s, max(1, s.steps))
     reports[k] = preflight_step(
         loop.stage_model_config(c, dense, k), mesh, batch_size=s.batch_size,
         seq_len=c.data.max_length, hbm_budget_bytes=hbm_budget_bytes,

@@ -10,6 +10,7 @@ normalised by the answer-token count of the whole (accumulated) batch, plus
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -42,6 +43,19 @@ class StepConfig:
   z_loss_coef: float = 0.0
   # Override the MoE dispatch used in training (None: the model config's).
   dispatch: Optional[str] = None
+  # Run the LM head only on this fraction of each row's positions - the ones with a
+  # loss target - instead of all of them (None: all). Exact either way: a batch with a
+  # row of more targets takes the full head (counted in the metric `head_full`).
+  head_fraction: Optional[float] = None
+
+  def head_capacity(self, seq_len: int) -> Optional[int]:
+    """Positions per row the compact LM head runs on (a multiple of 8), or None."""
+    if self.head_fraction is None:
+      return None
+    if not 0.0 < self.head_fraction <= 1.0:
+      raise ValueError(f"head_fraction={self.head_fraction}: expected a fraction in (0, 1]")
+    k = -(-int(math.ceil(self.head_fraction * seq_len)) // 8) * 8
+    return None if k >= seq_len else k
 
 
 class EmptyTrainableSet(ValueError):
@@ -57,15 +71,59 @@ def split_params(params: Params, trainable: Callable[[str], bool]) -> tuple[Para
   return train, frozen
 
 
-def token_loss(logits: jax.Array, input_ids: jax.Array,
-               loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sum of next-token CE over positions whose TARGET is an answer token, and their count."""
+def next_token_targets(input_ids: jax.Array,
+                       loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per position: the next token and its loss weight (1 where it is an answer token)."""
   # The targets move left (the last position gets a dummy target of weight 0) instead
   # of the logits: slicing [B, L, V] logits copies them, and so does its gradient.
   shift = lambda a: jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, shift(input_ids))
-  w = shift(loss_mask).astype(jnp.float32)
+  return shift(input_ids), shift(loss_mask).astype(jnp.float32)
+
+
+def token_loss(logits: jax.Array, input_ids: jax.Array,
+               loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Sum of next-token CE over positions whose TARGET is an answer token, and their count."""
+  targets, w = next_token_targets(input_ids, loss_mask)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return jnp.sum(ce * w), jnp.sum(w)
+
+
+def target_positions(w: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """The first `capacity` positions of each row with a loss weight [B, capacity] (the
+  rest filled with the last position, whose weight is always 0), and whether every
+  row's targets fit."""
+  has = w > 0
+  idx = jax.vmap(lambda r: jnp.nonzero(r, size=capacity, fill_value=r.shape[0] - 1)[0])(has)
+  return idx.astype(jnp.int32), jnp.all(jnp.sum(has, axis=1) <= capacity)
+
+
+def answer_loss(head: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                input_ids: jax.Array, loss_mask: jax.Array,
+                capacity: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`token_loss` of `head(hidden)`, with the head run only where a target is.
+
+  The head (final norm, [D, V] projection, softmax over V) is per token, and only the
+  answer tokens' logits reach the loss: in a LLaVA batch the image tokens and the prompt
+  are most positions. With `capacity`, each row's target positions are gathered into
+  [B, capacity] first. A batch where some row has more targets takes the full head
+  instead (`lax.cond`: one program, the branch chosen on the device), so the loss and
+  gradients never depend on the capacity. Returns (CE sum, target count, 1.0 if the
+  full head ran else 0.0).
+  """
+  targets, w = next_token_targets(input_ids, loss_mask)
+  ce_sum = lambda logits, t, wt: jnp.sum(
+      optax.softmax_cross_entropy_with_integer_labels(logits, t) * wt)
+  full = lambda h: ce_sum(head(h), targets, w)
+  if capacity is None or capacity >= hidden.shape[1]:
+    return full(hidden), jnp.sum(w), jnp.ones((), jnp.float32)
+  idx, fits = target_positions(w, capacity)
+  pick = lambda a: jnp.take_along_axis(a, idx, axis=1)
+
+  def compact(h):
+    return ce_sum(head(jnp.take_along_axis(h, idx[..., None], axis=1)), pick(targets), pick(w))
+
+  return (jax.lax.cond(fits, compact, full, hidden), jnp.sum(w),
+          1.0 - fits.astype(jnp.float32))
 
 
 def _moe_metrics(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -83,13 +141,16 @@ def make_loss_fn(codec: ParamCodec, cfg: StepConfig):
     model = codec.merge({**frozen, **params})
     # Per-sample guidance (HyperLLaVA, Awaker instance routing) reads only the prompt.
     guide = prompt_mask(batch["attention_mask"], batch["loss_mask"])
-    logits, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                        train=True, dispatch=cfg.dispatch, rng=rng, guide_mask=guide)
-    ce_sum, n = token_loss(logits, batch["input_ids"], batch["loss_mask"])
+    hidden, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                        train=True, dispatch=cfg.dispatch, rng=rng, guide_mask=guide,
+                        return_hidden=True)
+    ce_sum, n, head_full = answer_loss(model.llm.head, hidden, batch["input_ids"],
+                                       batch["loss_mask"],
+                                       cfg.head_capacity(batch["input_ids"].shape[1]))
     ce = ce_sum / jnp.maximum(num_targets, 1.0)
     total = ce + cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
     metrics = {"ce_sum": ce_sum, "targets": n, "aux_loss": aux["aux_loss"],
-               "z_loss": aux["z_loss"], **_moe_metrics(aux)}
+               "z_loss": aux["z_loss"], "head_full": head_full, **_moe_metrics(aux)}
     return total, metrics
   return loss_fn
 
@@ -134,6 +195,7 @@ def make_train_step(codec: ParamCodec, cfg: StepConfig,
         "loss": m["ce_sum"] / jnp.maximum(m["targets"], 1.0),
         "aux_loss": m["aux_loss"], "z_loss": m["z_loss"], "targets": m["targets"],
         "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step),
+        "head_full": m["head_full"],
         **{k: v for k, v in m.items() if k.startswith("moe/")},
     }
     return TrainState(state.step + 1, params, state.frozen, opt_state, state.rng), metrics
