@@ -254,6 +254,9 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
                  help="torch device (default: cuda if jax runs on a GPU and torch has CUDA)")
   p.add_argument("--torch-experts", default=None,
                  help="transformers experts_implementation (default: transformers' own)")
+  p.add_argument("--full-head-side", action="store_true",
+                 help="also time our step with the LM head on every position, as a third "
+                 "side (prints the compact/full speed-up measured in the same rounds)")
   p.add_argument("--head-fraction", type=float, default=None,
                  help="jax: StepConfig.head_fraction, the LM head only on that fraction of "
                  "each row's positions, where the targets are (default: the batch's "
@@ -309,6 +312,9 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   ours = config.jax_train_step(model, batch, optim, head_fraction=head_fraction)
   del model
   head_rows = ours.step_cfg.head_capacity(l) or l
+  # Same seed, same weights: the full-head step trains the same model.
+  full = (config.jax_train_step(config.random_vlm(cfg), batch, optim)
+          if args.full_head_side and head_rows < l else None)
   out(f"jax LM head + loss on {head_rows} of {l} positions per row (head_fraction "
       f"{head_fraction or 0:.3f}; the batch has {targets_per_row} targets per row); "
       f"transformers on all {l}")
@@ -326,7 +332,9 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   if (ours.n_params, ours.n_trainable) != (theirs.n_params, theirs.n_trainable):
     out("WARNING: parameter counts differ between the two sides")
   t1 = time.perf_counter()
-  ours.set_compiled(compile_all([ours.lowered])[0])
+  jax_steps = [ours] + ([full] if full else [])
+  for step, compiled in zip(jax_steps, compile_all([x.lowered for x in jax_steps])):
+    step.set_compiled(compiled)
   out(f"compile (jax): {time.perf_counter() - t1:.1f} s (set-up, export and load before "
       f"that: {t1 - t0:.1f} s)")
 
@@ -334,6 +342,11 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   t1 = time.perf_counter()
   m = jax.device_get(ours())
   first_jax = time.perf_counter() - t1
+  if full:
+    m_full = jax.device_get(full())
+    out(f"full-head side: CE {float(m_full['loss']):.6f} (compact {float(m['loss']):.6f})")
+    if abs(float(m_full["loss"]) - float(m["loss"])) > 1e-5:
+      raise RuntimeError("the compact and full LM heads give different losses")
   t1 = time.perf_counter()
   torch_ce, torch_aux = theirs()
   first_torch = time.perf_counter() - t1
@@ -350,19 +363,19 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
                        f"{check['tol']}: the two sides do not train the same model on the "
                        f"same batch; not timing them")
 
-  sides = {"jax": ours, "torch": theirs}
+  sides = {"jax": ours, "torch": theirs, **({"jax_full_head": full} if full else {})}
   switch_in: dict[str, list[float]] = {}
   times = interleaved_times(sides, reps=reps, warmup=0, settle=args.settle,
                             settle_times=switch_in,
                             per_round={k: args.steps_per_turn for k in sides})
   tokens = b * l
-  t_jax, t_torch = median(times["jax"]), median(times["torch"])
-  rate = {"jax": tokens / t_jax, "torch": tokens / t_torch}
+  t_torch = median(times["torch"])
+  rate = {k: tokens / median(v) for k, v in times.items()}
   ratio = common.paired_ratio(times["torch"], times["jax"])
   best = min(times["torch"]) / min(times["jax"])
   out(f"== timings: {reps} interleaved rounds; per round each side runs {args.settle} "
       f"untimed + {args.steps_per_turn} timed steps back to back")
-  for name in ("jax", "torch"):
+  for name in sides:
     out(f"{name:6s} step: median {fmt_time(median(times[name]))} (min "
         f"{fmt_time(min(times[name]))}) = {rate[name]:.1f} tokens/s")
   if switch_in:
@@ -370,6 +383,11 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
         + ", ".join(f"{k} median {fmt_time(median(v)).strip()}" for k, v in switch_in.items()))
   out(f"train_step tokens/s: jax {rate['jax']:.1f}, torch {rate['torch']:.1f}; "
       f"jax/torch = {ratio:.2f} x  [fastest/fastest {best:.2f} x]")
+  head_ratio = None
+  if full:
+    head_ratio = common.paired_ratio(times["jax_full_head"], times["jax"])
+    out(f"compact/full LM head (ours, same rounds): {head_ratio:.3f} x; full head/torch = "
+        f"{common.paired_ratio(times['torch'], times['jax_full_head']):.2f} x")
   ceiling = ratio_ceiling(cfg, s, t_torch, torch_device, reps, out,
                           head_rows=head_rows if not float(m["head_full"]) else l)
   out(f"# total wall time {time.perf_counter() - t0:.1f} s")
@@ -379,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
           "threads": {"xla": xla_threads, "torch": torch.get_num_threads()},
           "torch_experts": theirs.experts_impl,
           "head": {"rows": head_rows, "targets_per_row": targets_per_row,
-                   "full": bool(float(m["head_full"]))}}
+                   "full": bool(float(m["head_full"])), "compact_over_full": head_ratio}}
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ HEAD = re.compile(r"^jax LM head \+ loss on (\d+) of (\d+) positions per row .* 
                   r"per row\); transformers on all (\d+)$")
 COMPACT = re.compile(r"^our LM head skips (\S+) of those (\S+) GFLOP .*: ceiling for our step "
                      r"(\S+) x torch$")
+HEAD_RATIO = re.compile(r"^compact/full LM head \(ours, same rounds\): (\S+) x; full head/torch "
+                        r"= (\S+) x$")
 XLA = re.compile(r"^XLA cost_analysis flops: (\S+) GFLOP; formula / XLA = (\S+)$")
 
 
@@ -35,8 +37,8 @@ def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   lines = []
   # One torch thread: on a loaded 2-core machine torch's intra-op threads wait on each
   # other for every small op, which makes the test slow (see BENCHMARKS.md).
-  results = bench_train_step.main(["--tiny", "--torch-threads", "1", "--device-note", "pytest"],
-                                  out=lines.append)
+  results = bench_train_step.main(["--tiny", "--torch-threads", "1", "--device-note", "pytest",
+                                   "--full-head-side"], out=lines.append)
   text = "\n".join(lines)
   ratio = [m for m in map(RATIO.match, lines) if m]
   assert len(ratio) == 1, text
@@ -66,10 +68,9 @@ def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   assert math.isclose(results["ratio"], r, rel_tol=0.01)
   # Default turns: 1 untimed switch-in step, then 2 timed steps, per side and round.
   reps = config.TINY.step_reps
-  assert {k: len(v) for k, v in results["times"].items()} == {"jax": 2 * reps,
-                                                              "torch": 2 * reps}
-  assert {k: len(v) for k, v in results["switch_in_times"].items()} == {"jax": reps,
-                                                                        "torch": reps}
+  sides = ("jax", "torch", "jax_full_head")
+  assert {k: len(v) for k, v in results["times"].items()} == {k: 2 * reps for k in sides}
+  assert {k: len(v) for k, v in results["switch_in_times"].items()} == {k: reps for k in sides}
   assert math.isclose(results["tokens_per_s"]["jax"], jax_rate, rel_tol=0.01)
   assert math.isclose(results["tokens_per_s"]["torch"], torch_rate, rel_tol=0.01)
   # Our LM head ran only on the target positions (rounded up to 8), torch's on all.
@@ -77,7 +78,11 @@ def test_tiny_train_step_benchmark_prints_ratio_and_checks_initial_loss():
   assert len(head) == 1, text
   rows, seq, targets, torch_rows = map(int, head[0])
   assert seq == torch_rows == config.TINY.seq and targets < rows < seq and rows % 8 == 0
-  assert results["head"] == {"rows": rows, "targets_per_row": targets, "full": False}
+  head_ratio = [m for m in map(HEAD_RATIO.match, lines) if m]
+  assert len(head_ratio) == 1, text
+  assert results["head"] == {"rows": rows, "targets_per_row": targets, "full": False,
+                             "compact_over_full": pytest.approx(positive(head_ratio[0].group(1)),
+                                                                rel=0.01)}
   assert "jax ran the compact LM head" in text
   compact = [m.groups() for m in map(COMPACT.match, lines) if m]
   assert len(compact) == 1, text
