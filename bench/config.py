@@ -225,6 +225,13 @@ def train_batch(cfg: VLMConfig, batch: int, seq: int, seed: int = 0) -> dict[str
               loss_mask=loss_mask, pixel_values=pixels.astype(np.float32))
 
 
+def batch_head_fraction(batch: dict[str, np.ndarray]) -> float:
+  """The smallest `StepConfig.head_fraction` whose compact LM head fits every row's
+  targets in `batch`."""
+  mask = batch["loss_mask"]
+  return float(mask[:, 1:].sum(1).max()) / mask.shape[1]
+
+
 # ---------------------------------------------------------------- our jit train step
 
 

@@ -40,13 +40,18 @@ from bench.common import (compile_all, fmt_time, interleaved_times, matmul_peak,
                           xla_flops)
 
 
-def prepare(s: config.Sizes, out: Callable[[str], None],
-            dispatch: str = "dropless") -> config.JaxStep:
-  """The benchmark model's train step, lowered (compile it with `compile_all`)."""
+def prepare(s: config.Sizes, out: Callable[[str], None], dispatch: str = "dropless",
+            head_fraction: Optional[float] = None) -> config.JaxStep:
+  """The benchmark model's train step, lowered (compile it with `compile_all`). MFU
+  takes the LM head on every position (head_fraction None), as the FLOP formula counts."""
   cfg = config.vlm_config(s, dispatch)
   out(f"== Train step: {config.describe(cfg, s.batch, s.seq)}; vision tower frozen "
       f"(stage preset {config.STAGE_PRESET}); AdamW; 1-device mesh")
-  step = config.jax_train_step(config.random_vlm(cfg), config.train_batch(cfg, s.batch, s.seq))
+  batch = config.train_batch(cfg, s.batch, s.seq)
+  step = config.jax_train_step(config.random_vlm(cfg), batch, head_fraction=head_fraction)
+  if head_fraction:
+    out(f"LM head on {step.step_cfg.head_capacity(s.seq) or s.seq} of {s.seq} positions per "
+        f"row (head_fraction {head_fraction:.3f})")
   out(f"params: {step.n_params / 1e6:.2f} M total, {step.n_trainable / 1e6:.2f} M trainable")
   return step
 

@@ -116,13 +116,20 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   p.add_argument("--tiny", action="store_true", help="tiny shapes: runs in seconds")
   p.add_argument("--dispatch", choices=("dropless", "capacity"), default="dropless")
   p.add_argument("--top", type=int, default=15, help="slowest ops to list")
+  p.add_argument("--head-fraction", type=float, default=None,
+                 help="StepConfig.head_fraction (default: the batch's targets per row / "
+                 "seq, as bench.train_step; 0: the LM head on every position)")
   p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temp dir)")
   args = p.parse_args(argv)
   if args.top < 0:
     p.error(f"--top={args.top}: expected >= 0")
   s = config.TINY if args.tiny else config.FULL
   common.print_header(out, "bench.profile", args.tiny, args.device_note)
-  step = mfu.prepare(s, out, args.dispatch)
+  head_fraction = args.head_fraction
+  if head_fraction is None:
+    head_fraction = config.batch_head_fraction(
+        config.train_batch(config.vlm_config(s, args.dispatch), s.batch, s.seq))
+  step = mfu.prepare(s, out, args.dispatch, head_fraction or None)
   step.set_compiled(compile_all([step.lowered])[0])
   ops = hlo_ops(step.compiled.as_text())
   common.block(step())  # warm-up: allocations and first-run costs stay out of the trace

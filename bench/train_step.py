@@ -306,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
                        aux_loss_coef=0.01, clip_norm=optim.clip_norm,
                        lr=optim.learning_rate, experts_impl=args.torch_experts)
   targets_per_row = int(batch["loss_mask"][:, 1:].sum(1).max())
-  head_fraction = (targets_per_row / l if args.head_fraction is None
+  head_fraction = (config.batch_head_fraction(batch) if args.head_fraction is None
                    else args.head_fraction or None)
   # takes the model's arrays:
   ours = config.jax_train_step(model, batch, optim, head_fraction=head_fraction)
