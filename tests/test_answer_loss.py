@@ -1,6 +1,7 @@
 """The LM head run only on the target positions: same loss and gradients as the full head."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_answer_loss_matches_numpy_and_full_head_gradients(counts, capacity, ful
   head = lambda h, w: jnp.tanh(h) @ w  # per-token, like the norm + LM head
 
   def loss(h, w, cap):
-    ce, n, head_full = step_lib.answer_loss(lambda x: head(x, w), h, ids, mask, cap)
+    ce, n, head_full = step_lib.answer_loss(lambda p, x: head(x, p), w, h, ids, mask, cap)
     return ce, (n, head_full)
 
   (ce, (n, head_full)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
@@ -97,3 +98,27 @@ def test_sharded_step_with_compact_head_matches_the_full_head():
   np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-6)
   for k in ref_state.params:
     np.testing.assert_allclose(state.params[k], ref_state.params[k], atol=1e-5, err_msg=k)
+
+
+def test_compact_head_keeps_no_full_size_logits_for_the_backward():
+  """Differentiating a plain lax.cond would make the compact branch write the full
+  branch's [B, L, V] residuals (zeros); the gradient-in-forward cond outputs only the
+  loss and the gradients."""
+  hidden, ids, mask, w = _inputs(1, (3, 5, 0, 2))
+  head = lambda p, h: jnp.tanh(h) @ p
+  grad = jax.grad(lambda h, p: step_lib.answer_loss(head, p, h, ids, mask, 8)[0],
+                  argnums=(0, 1))
+  jaxpr = jax.make_jaxpr(grad)(hidden, w)
+  conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+  conds += [e for e in _subjaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "cond"]
+  assert conds
+  for eqn in conds:
+    shapes = {tuple(v.aval.shape) for v in eqn.outvars}
+    assert shapes <= {(), (B, L, D), (D, V)}, shapes
+
+
+def _subjaxpr_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from sub.eqns
+      yield from _subjaxpr_eqns(sub)

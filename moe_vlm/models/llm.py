@@ -11,7 +11,7 @@ Any subset of layers may hold an MoE FFN instead of the dense one.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -171,12 +171,27 @@ class DecoderLM(nnx.Module):
     a loss target is (`train.step.answer_loss`), which skips the image tokens and the
     prompt - most of a LLaVA sequence, and a large share of the step FLOPs at a 150k
     vocabulary."""
-    x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = token_matmul(x, self.embed[...].astype(x.dtype).T)
-    else:
-      logits = self.lm_head(x)
-    return logits.astype(jnp.float32)
+    fn, params = self.head_fn()
+    return fn(params, x)
+
+  def head_fn(self) -> tuple[Callable[[Any, Array], Array], Any]:
+    """`head` as a pure function of its own parameters: (fn, params), fn(params, x) ==
+    head(x). For code that differentiates the head apart from the model (the train
+    step's loss computes its gradient in the forward pass, under a custom VJP)."""
+    norm_def, norm_state = nnx.split(self.final_norm)
+    tied = self.lm_head is None
+    proj_def, proj_state = (None, self.embed[...]) if tied else nnx.split(self.lm_head)
+
+    def fn(params: Any, x: Array) -> Array:
+      norm_state, proj_state = params
+      x = nnx.merge(norm_def, norm_state)(x)
+      if tied:
+        logits = token_matmul(x, proj_state.astype(x.dtype).T)
+      else:
+        logits = nnx.merge(proj_def, proj_state)(x)
+      return logits.astype(jnp.float32)
+
+    return fn, (norm_state, proj_state)
 
   def __call__(self, input_ids: Optional[Array] = None, *,
                inputs_embeds: Optional[Array] = None,

@@ -97,32 +97,63 @@ def target_positions(w: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]
   return idx.astype(jnp.int32), jnp.all(jnp.sum(has, axis=1) <= capacity)
 
 
-def answer_loss(head: Callable[[jax.Array], jax.Array], hidden: jax.Array,
-                input_ids: jax.Array, loss_mask: jax.Array,
+def cond_grad_in_forward(pred: jax.Array, true_fn: Callable[..., jax.Array],
+                         false_fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
+  """`lax.cond(pred, true_fn, false_fn, *args)` for scalar functions, differentiable in
+  `args`, whose gradient the taken branch computes in the forward pass.
+
+  Differentiating `lax.cond` itself makes each branch output the residuals of both (the
+  branch not taken fills the other's with zeros): here the compact LM head would write
+  a zero [B, L, V] logits buffer every step. Taking the gradient inside each branch
+  keeps the outputs the same for both (value, d args), and nothing of the head's
+  [B, K, V] activations lives on until the backward pass: it only scales the stored
+  gradients by the incoming cotangent.
+  """
+  argnums = tuple(range(len(args)))
+
+  @jax.custom_vjp
+  def f(*a):
+    return jax.lax.cond(pred, true_fn, false_fn, *a)
+
+  def fwd(*a):
+    return jax.lax.cond(pred, jax.value_and_grad(true_fn, argnums),
+                        jax.value_and_grad(false_fn, argnums), *a)
+
+  def bwd(grads, ct):
+    return jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads)
+
+  f.defvjp(fwd, bwd)
+  return f(*args)
+
+
+def answer_loss(head_fn: Callable[[Any, jax.Array], jax.Array], head_params: Any,
+                hidden: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
                 capacity: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`token_loss` of `head(hidden)`, with the head run only where a target is.
+  """`token_loss` of `head_fn(head_params, hidden)`, the head run only where a target is.
 
   The head (final norm, [D, V] projection, softmax over V) is per token, and only the
   answer tokens' logits reach the loss: in a LLaVA batch the image tokens and the prompt
   are most positions. With `capacity`, each row's target positions are gathered into
   [B, capacity] first. A batch where some row has more targets takes the full head
-  instead (`lax.cond`: one program, the branch chosen on the device), so the loss and
+  instead (a `lax.cond`: one program, the branch chosen on the device), so the loss and
   gradients never depend on the capacity. Returns (CE sum, target count, 1.0 if the
   full head ran else 0.0).
   """
   targets, w = next_token_targets(input_ids, loss_mask)
-  ce_sum = lambda logits, t, wt: jnp.sum(
-      optax.softmax_cross_entropy_with_integer_labels(logits, t) * wt)
-  full = lambda h: ce_sum(head(h), targets, w)
+
+  def ce_sum(p, h, t, wt):
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(head_fn(p, h), t) * wt)
+
+  full = lambda p, h: ce_sum(p, h, targets, w)
   if capacity is None or capacity >= hidden.shape[1]:
-    return full(hidden), jnp.sum(w), jnp.ones((), jnp.float32)
+    return full(head_params, hidden), jnp.sum(w), jnp.ones((), jnp.float32)
   idx, fits = target_positions(w, capacity)
   pick = lambda a: jnp.take_along_axis(a, idx, axis=1)
 
-  def compact(h):
-    return ce_sum(head(jnp.take_along_axis(h, idx[..., None], axis=1)), pick(targets), pick(w))
+  def compact(p, h):
+    return ce_sum(p, jnp.take_along_axis(h, idx[..., None], axis=1), pick(targets), pick(w))
 
-  return (jax.lax.cond(fits, compact, full, hidden), jnp.sum(w),
+  return (cond_grad_in_forward(fits, compact, full, head_params, hidden), jnp.sum(w),
           1.0 - fits.astype(jnp.float32))
 
 
@@ -144,7 +175,8 @@ def make_loss_fn(codec: ParamCodec, cfg: StepConfig):
     hidden, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                         train=True, dispatch=cfg.dispatch, rng=rng, guide_mask=guide,
                         return_hidden=True)
-    ce_sum, n, head_full = answer_loss(model.llm.head, hidden, batch["input_ids"],
+    head_fn, head_params = model.llm.head_fn()
+    ce_sum, n, head_full = answer_loss(head_fn, head_params, hidden, batch["input_ids"],
                                        batch["loss_mask"],
                                        cfg.head_capacity(batch["input_ids"].shape[1]))
     ce = ce_sum / jnp.maximum(num_targets, 1.0)
