@@ -80,12 +80,16 @@ def next_token_targets(input_ids: jax.Array,
   return shift(input_ids), shift(loss_mask).astype(jnp.float32)
 
 
+def weighted_ce(logits: jax.Array, targets: jax.Array, w: jax.Array) -> jax.Array:
+  """sum(w * cross-entropy(logits, targets)) over every position."""
+  return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * w)
+
+
 def token_loss(logits: jax.Array, input_ids: jax.Array,
                loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Sum of next-token CE over positions whose TARGET is an answer token, and their count."""
   targets, w = next_token_targets(input_ids, loss_mask)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return jnp.sum(ce * w), jnp.sum(w)
+  return weighted_ce(logits, targets, w), jnp.sum(w)
 
 
 def target_positions(w: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -141,17 +145,15 @@ def answer_loss(head_fn: Callable[[Any, jax.Array], jax.Array], head_params: Any
   """
   targets, w = next_token_targets(input_ids, loss_mask)
 
-  def ce_sum(p, h, t, wt):
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(head_fn(p, h), t) * wt)
-
-  full = lambda p, h: ce_sum(p, h, targets, w)
+  full = lambda p, h: weighted_ce(head_fn(p, h), targets, w)
   if capacity is None or capacity >= hidden.shape[1]:
     return full(head_params, hidden), jnp.sum(w), jnp.ones((), jnp.float32)
   idx, fits = target_positions(w, capacity)
   pick = lambda a: jnp.take_along_axis(a, idx, axis=1)
 
   def compact(p, h):
-    return ce_sum(p, jnp.take_along_axis(h, idx[..., None], axis=1), pick(targets), pick(w))
+    h = jnp.take_along_axis(h, idx[..., None], axis=1)
+    return weighted_ce(head_fn(p, h), pick(targets), pick(w))
 
   return (cond_grad_in_forward(fits, compact, full, head_params, hidden), jnp.sum(w),
           1.0 - fits.astype(jnp.float32))
