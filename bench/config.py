@@ -225,11 +225,15 @@ def train_batch(cfg: VLMConfig, batch: int, seq: int, seed: int = 0) -> dict[str
               loss_mask=loss_mask, pixel_values=pixels.astype(np.float32))
 
 
+def max_targets_per_row(batch: dict[str, np.ndarray]) -> int:
+  """The most next-token targets (answer tokens after position 0) any row of `batch` has."""
+  return int(batch["loss_mask"][:, 1:].sum(1).max())
+
+
 def batch_head_fraction(batch: dict[str, np.ndarray]) -> float:
   """The smallest `StepConfig.head_fraction` whose compact LM head fits every row's
   targets in `batch`."""
-  mask = batch["loss_mask"]
-  return float(mask[:, 1:].sum(1).max()) / mask.shape[1]
+  return max_targets_per_row(batch) / batch["loss_mask"].shape[1]
 
 
 # ---------------------------------------------------------------- our jit train step

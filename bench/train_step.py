@@ -211,7 +211,8 @@ def ratio_ceiling(cfg, s: config.Sizes, t_torch: float, torch_device: str, reps:
   only `head_rows` positions per row, our step skips part of those FLOPs, and its
   ceiling rises by the same factor (printed as a second line).
   """
-  flops = config.train_step_flops(cfg, s.batch, s.seq)["total"]
+  formula = config.train_step_flops(cfg, s.batch, s.seq)
+  flops = formula["total"]
   times = matmul_rates(s.matmul_n, torch_device, reps)
   mm_flops = 2.0 * s.matmul_n ** 3
   rates = {k: mm_flops / median(v) for k, v in times.items()}
@@ -228,7 +229,7 @@ def ratio_ceiling(cfg, s: config.Sizes, t_torch: float, torch_device: str, reps:
             "best_matmul_flops_per_s": rates[best], "best_library": best,
             "ratio_ceiling": ceiling}
   if head_rows is not None and head_rows < s.seq:
-    skipped = 6.0 * cfg.text.hidden_size * cfg.text.vocab_size * s.batch * (s.seq - head_rows)
+    skipped = formula["lm_head (6*W*T)"] * (s.seq - head_rows) / s.seq
     result["compact_head_ceiling"] = ceiling * flops / (flops - skipped)
     out(f"our LM head skips {skipped / 1e9:.4g} of those {flops / 1e9:.4g} GFLOP (positions "
         f"without a target): ceiling for our step {result['compact_head_ceiling']:.2f} x torch")
@@ -305,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     theirs = TorchStep(tmp, batch, device=torch_device, dtype=s.dtype,
                        aux_loss_coef=0.01, clip_norm=optim.clip_norm,
                        lr=optim.learning_rate, experts_impl=args.torch_experts)
-  targets_per_row = int(batch["loss_mask"][:, 1:].sum(1).max())
+  targets_per_row = config.max_targets_per_row(batch)
   head_fraction = (config.batch_head_fraction(batch) if args.head_fraction is None
                    else args.head_fraction or None)
   # takes the model's arrays:
