@@ -197,3 +197,74 @@ def test_answers_replace_the_file_only_when_complete(tiny, tmp_path, monkeypatch
   fresh = str(tmp_path / "new" / "dir" / "answers.jsonl")
   assert _answer(im, qpath, fresh, images, batch_size=4) == 4
   assert len(open(fresh).readlines()) == 4
+
+
+# ------------------------------------------------------------------ <image> where none goes
+
+
+def test_text_only_question_with_image_placeholder_is_refused(tiny, tmp_path):
+  _, images, names = tiny
+  qpath, apath = _files(tmp_path, [
+      {"question_id": "ok", "image": names[0], "text": "<image>\nWhat shape is shown?"},
+      {"question_id": "blank", "text": "<image>\nWhat is in the picture?"},
+      {"question_id": "empty", "image": "", "text": "Describe <image> please."}])
+  with pytest.raises(vqa.QuestionError) as e:
+    _answer(NoModel(), qpath, apath, images)
+  message = str(e.value)
+  assert "2 bad question lines" in message
+  assert "(question_id 'blank'): \"text\" contains <image> but the question has no" in message
+  assert "(question_id 'empty'): \"text\" contains <image>" in message
+  _untouched(apath)
+  # The programmatic path refuses it too, instead of encoding blank-pixel image tokens.
+  with pytest.raises(vqa.QuestionError, match="without an image contains <image>"):
+    vqa.question_turns("<image>\nWhat is it?", has_image=False)
+  assert vqa.question_turns("What is it?", has_image=True)[0]["value"] == "<image>\nWhat is it?"
+
+
+@pytest.fixture(scope="module")
+def chat_config(tiny):
+  im = tiny[0]
+  return GenerationConfig(max_new_tokens=2, eos_ids=im.stop_ids, pad_id=im.pad_id)
+
+
+def test_chat_refuses_image_placeholder_in_a_later_turn_and_goes_on(tiny, chat_config):
+  from moe_vlm.infer.chat import ChatSession, TurnError, run_chat
+  im, images, names = tiny
+  session = ChatSession(im, chat_config, image=os.path.join(images, names[0]))
+  session.ask("What shape is it?")
+  turns, fed = [dict(t) for t in session.turns], list(session._fed)  # pylint: disable=protected-access
+  with pytest.raises(TurnError, match="only be in the first question"):
+    session.ask("<image>\nAnd now this one?")
+  assert session.turns == turns and session._fed == fed  # pylint: disable=protected-access
+
+  out = io.StringIO()
+  n = run_chat(session, io.StringIO("Look at <image> again.\nAnd its colour?\nexit\n"), out)
+  assert n == 1  # the refused turn is not counted; the next one is answered
+  text = out.getvalue()
+  assert "(not asked: <image> can only be in the first question" in text
+  assert text.count("ASSISTANT:") == 1
+  assert len(session.turns) == 4 and session.turns[2]["value"] == "And its colour?"
+  assert sum("<image>" in t["value"] for t in session.turns) == 1
+
+
+def test_chat_first_turn_may_place_the_image_itself(tiny, chat_config):
+  from moe_vlm.infer.chat import ChatSession
+  im, images, names = tiny
+  session = ChatSession(im, chat_config, image=os.path.join(images, names[1]))
+  session.ask("<image>\nWhat shape is it?")
+  assert session.turns[0]["value"] == "<image>\nWhat shape is it?"  # not a second <image>
+  n_image = int((session.im.encode(session.turns[:1]) == im.cfg.image_token_id).sum())
+  assert n_image == im.cfg.num_image_tokens
+
+
+def test_text_only_chat_refuses_image_placeholder(tiny, chat_config):
+  from moe_vlm.infer.chat import ChatSession, TurnError, run_chat
+  im, _, _ = tiny
+  session = ChatSession(im, chat_config)  # no image
+  with pytest.raises(TurnError, match="this chat has no image"):
+    session.ask("<image>\nWhat is in the picture?")
+  assert session.turns == [] and session.last is None
+  out = io.StringIO()
+  assert run_chat(session, io.StringIO("Describe <image>.\nSay hello.\n"), out) == 1
+  assert "(not asked: this chat has no image" in out.getvalue()
+  assert [t["value"] for t in session.turns[::2]] == ["Say hello."]

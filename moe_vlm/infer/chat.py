@@ -7,6 +7,9 @@ shares with them (the earlier turns, usually) and overwrites the rest. Causal at
 makes that exact: a slot's keys and values depend only on the tokens before it. When
 the template re-tokenises an answer differently from the tokens generated, the shared
 prefix simply ends earlier.
+
+`<image>` typed by the user is refused with a TurnError (the conversation is unchanged):
+the image goes into the first turn only, and a chat without an image has none to show.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
   n = min(len(a), len(b))
   diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
   return int(diff[0]) if diff.size else n
+
+
+class TurnError(ValueError):
+  """A question the conversation cannot take; it was not added and nothing changed."""
 
 
 @dataclasses.dataclass
@@ -125,11 +132,27 @@ class ChatSession:
     self.last = TurnStats(len(prompt), len(delta), tokens[:steps])
     return answer
 
+  def check_question(self, text: str) -> None:
+    """Raises TurnError for a question that would misplace the image: `<image>` in a
+    later turn (the image sits in the first turn only), or in a chat without an image
+    (the model would see blank pixels)."""
+    if templates.IMAGE_PLACEHOLDER not in text:
+      return
+    if not self.has_image:
+      raise TurnError(f"this chat has no image (start it with --image), so "
+                      f"{templates.IMAGE_PLACEHOLDER} cannot be used; ask without it")
+    if self.turns:
+      raise TurnError(f"{templates.IMAGE_PLACEHOLDER} can only be in the first question: "
+                      "the image is already part of this conversation; ask without it")
+
   def ask(self, text: str) -> str:
-    """Answers `text` given the previous turns; both join the conversation."""
+    """Answers `text` given the previous turns; both join the conversation. A question
+    refused by `check_question` raises TurnError and leaves the conversation unchanged."""
+    self.check_question(text)
     value = text
     if self.has_image and not self.turns:
-      value = templates.IMAGE_PLACEHOLDER + "\n" + text
+      turn = {"from": templates.HUMAN, "value": text}
+      value = templates.ensure_image_placeholder([turn])[0]["value"]
     question = {"from": templates.HUMAN, "value": value}
     prompt = np.asarray(self.im.encode(self.turns + [question]), np.int32)
     answer = self.im.decode(self._generate(prompt, jax.random.fold_in(self.rng,
@@ -139,7 +162,8 @@ class ChatSession:
 
 
 def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO) -> int:
-  """Reads questions line by line until `exit`/`quit` or EOF; returns the turns answered."""
+  """Reads questions line by line until `exit`/`quit` or EOF; returns the turns answered.
+  A refused question (TurnError) gets its reason printed and the chat continues."""
   answered = 0
   while True:
     stdout.write("USER: ")
@@ -153,7 +177,13 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO) -> int:
       break
     if not text:
       continue
-    stdout.write(f"ASSISTANT: {session.ask(text)}\n")
+    try:
+      answer = session.ask(text)
+    except TurnError as e:  # refused before any change: the conversation goes on
+      stdout.write(f"(not asked: {e})\n")
+      stdout.flush()
+      continue
+    stdout.write(f"ASSISTANT: {answer}\n")
     stdout.flush()
     answered += 1
   return answered
