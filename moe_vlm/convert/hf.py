@@ -67,14 +67,6 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def save_safetensors(state: StateDict, path: str) -> None:
-  from safetensors.numpy import save_file
-
-  os.makedirs(path, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
-            os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-
-
 def load_hf_config(path: str):
   """transformers config from a directory's config.json (no remote code)."""
   from transformers import AutoConfig

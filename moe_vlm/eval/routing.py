@@ -32,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_vlm.models.moe import Router, top_k_gating
+from moe_vlm.models.moe import IMAGE, PAD, TEXT, Router, top_k_gating
 
+# Token modalities are the model's own codes (moe.IMAGE, moe.TEXT, moe.PAD). The count
+# arrays' modality axis holds MODALITIES in this order: slot i counts code CODES[i].
 MODALITIES = ("image", "text")
-IMAGE, TEXT = 0, 1  # index of each modality in the count arrays
+CODES = (IMAGE, TEXT)
 
 
 class NoMoEError(ValueError):
@@ -92,9 +94,10 @@ def router_choices(model: nnx.Module, ids: np.ndarray, pixels: Optional[np.ndarr
 
 
 def modality_of(ids: np.ndarray, mask: np.ndarray, image_token_id: int) -> np.ndarray:
-  """[B, L] -> IMAGE / TEXT per token, -1 for padding (as the model's own split)."""
+  """[B, L] -> the model's modality code per token: IMAGE, TEXT, or PAD where the mask
+  is 0 (as `VLM` computes it for the MoE layers' statistics)."""
   out = np.where(ids == image_token_id, IMAGE, TEXT)
-  return np.where(np.asarray(mask).astype(bool), out, -1)
+  return np.where(np.asarray(mask).astype(bool), out, PAD)
 
 
 # ------------------------------------------------------------------ accumulate
@@ -187,15 +190,14 @@ class RoutingCounter:
   def add_choices(self, ids: np.ndarray, mask: np.ndarray, idx: np.ndarray) -> None:
     s, e = self.stats, self.stats.num_experts
     modality = modality_of(np.asarray(ids), mask, self.image_token_id)
-    for m in (IMAGE, TEXT):
-      sel = modality == m
-      chosen = idx[:, sel]  # [n_moe, T, k]
+    for slot, code in enumerate(CODES):
+      chosen = idx[:, modality == code]  # [n_moe, T, k]
       for layer in range(len(s.layers)):
-        s.top1[layer, m] += np.bincount(chosen[layer, :, 0], minlength=e)
-        s.topk[layer, m] += np.bincount(chosen[layer].reshape(-1), minlength=e)
-      s.paths[MODALITIES[m]].update(map(tuple, chosen[:, :, 0].T.tolist()))
+        s.top1[layer, slot] += np.bincount(chosen[layer, :, 0], minlength=e)
+        s.topk[layer, slot] += np.bincount(chosen[layer].reshape(-1), minlength=e)
+      s.paths[MODALITIES[slot]].update(map(tuple, chosen[:, :, 0].T.tolist()))
     self._examples(np.asarray(ids), modality, idx)
-    self.samples += int(np.any(modality >= 0, axis=1).sum())
+    self.samples += int(np.any(modality != PAD, axis=1).sum())
 
   def _examples(self, ids: np.ndarray, modality: np.ndarray, idx: np.ndarray) -> None:
     """A few tokens of the first sample with an image: evenly spaced per modality."""
@@ -205,17 +207,17 @@ class RoutingCounter:
     if not rows:
       return
     r = rows[0]
-    start = int(np.argmax(modality[r] >= 0))  # first real token (prompts are left-padded)
-    for m in (IMAGE, TEXT):
-      where = np.flatnonzero(modality[r] == m)
+    start = int(np.argmax(modality[r] != PAD))  # first real token (prompts are left-padded)
+    for slot, code in enumerate(CODES):
+      where = np.flatnonzero(modality[r] == code)
       pick = where[np.linspace(0, len(where) - 1, min(self.num_examples, len(where)))
                    .round().astype(int)] if len(where) else []
       for pos in pick:
-        token = (f"<image {int(np.sum(modality[r, :pos] == IMAGE))}>" if m == IMAGE
+        token = (f"<image {int(np.sum(modality[r, :pos] == IMAGE))}>" if code == IMAGE
                  else self.token_text(int(ids[r, pos])))
         self.stats.examples.append({
             "sample": self.samples + r, "position": int(pos - start),
-            "modality": MODALITIES[m], "token": token,
+            "modality": MODALITIES[slot], "token": token,
             "path": [int(e) for e in idx[:, r, pos, 0]]})
 
 
