@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from moe_vlm.data.templates import IMAGE_PLACEHOLDER
 
@@ -33,6 +33,11 @@ class Question:
   label: Optional[str] = None  # POPE: "yes" / "no"
   answers: tuple[str, ...] = ()  # VQA reference answers
   category: Optional[str] = None  # POPE negative sampling, VQA question type, ...
+  # Multiple choice (ScienceQA, MMBench): the option texts in letter order A, B, C, ...
+  choices: tuple[str, ...] = ()
+  # Benchmark extras a scorer or submission writer needs (MME's original question, MMBench's
+  # TSV row, ...); read-only by convention, and left out of the hash.
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
 
 def _answers(value: Any, where: str) -> tuple[str, ...]:
