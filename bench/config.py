@@ -1,4 +1,4 @@
-"""The fixed benchmark model, its batch, its FLOP formula and our train step on it.
+"""The fixed benchmark model, its batch, its FLOP count and our train step on it.
 
 Every benchmark that runs the VLM (bench.moe_layer's step part, bench.mfu,
 bench.train_step, bench.generate) builds it from here, so their figures stay
@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_vlm import cost
 from moe_vlm.convert import hf
-from moe_vlm.models import gmm
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
-from moe_vlm.models.layers import causal_pairs
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
 from moe_vlm.parallel import mesh as mesh_lib
@@ -106,83 +105,13 @@ def describe(cfg: VLMConfig, batch: int, seq: int) -> str:
 # ------------------------------------------------------------------------ FLOP formula
 
 
-def train_step_flops(cfg: VLMConfig, batch: int, seq: int) -> dict[str, float]:
-  """Model FLOPs of one train step (useful work: what an ideal implementation must do).
-
-  - matmul FLOPs only (2 per multiply-add); bias adds, norms, softmax, activations,
-    the embedding gather, the loss and the optimizer are left out (each < 1%);
-  - trainable parts (decoder, lm_head, projector): 6 x matmul weights x tokens
-    (forward 2, backward 4); the MoE FFN counts its top_k active experts + the router;
-  - attention scores and weighted values (q k^T and p v): 4 x L^2 x H x head_dim per
-    sequence per layer forward, the full L x L matrix, x3 with the backward (the usual
-    convention, kept so figures stay comparable; the implementation's causal query
-    blocks skip part of the masked triangle: "attention_skipped", not in "total");
-  - frozen vision tower: forward only (2 x weights x tokens + its attention), and only
-    the layers up to `vision_feature_layer` (-2 skips the last one); no backward runs
-    through it because neither its weights nor the pixels need a gradient.
-  """
-  t, v = cfg.text, cfg.vision
-  # decoder: attention projections q, o (H*hd) and k, v (KV*hd)
-  hd, d = t.dim_per_head, t.hidden_size
-  tokens = batch * seq
-  attn_w = d * t.num_heads * hd * 2 + d * t.num_kv_heads * hd * 2
-  ffn_mult = 3 if t.mlp == "gated" else 2
-  dense_ffn_w = ffn_mult * d * t.intermediate_size
-  n_moe = len(t.moe_layers())
-  expert_ffn_w = ffn_mult * d * ((t.moe.expert_intermediate_size or t.intermediate_size)
-                                 if t.moe else 0)
-  moe_active_w = (t.moe.top_k * expert_ffn_w + d * t.moe.num_experts) if t.moe else 0
-  decoder_w = t.num_layers * attn_w + (t.num_layers - n_moe) * dense_ffn_w + n_moe * moe_active_w
-  head_w = d * t.vocab_size
-  out = {
-      "decoder matmuls (6*W*T)": 6.0 * decoder_w * tokens,
-      "lm_head (6*W*T)": 6.0 * head_w * tokens,
-      "decoder attention scores (3*4*B*L^2*H*hd)":
-          3.0 * t.num_layers * 4 * batch * seq * seq * t.num_heads * hd,
-  }
-  # projector (trainable; runs on the image tokens)
-  proj_w = v.hidden_size * d + (d * d if cfg.projector == "mlp2x_gelu" else 0)
-  out["projector (6*W*T_img)"] = 6.0 * proj_w * batch * cfg.num_image_tokens
-  # frozen vision tower, forward only
-  vd, n_pos = v.hidden_size, v.num_positions
-  layers_run = cfg.vision_feature_layer % (v.num_layers + 1)
-  vis_layer_w = 4 * vd * vd + 2 * vd * v.intermediate_size
-  patch_w = v.patch_size * v.patch_size * v.num_channels * vd
-  out["vision forward, frozen (2*W*T + attn)"] = (
-      2.0 * batch * (layers_run * vis_layer_w * n_pos + patch_w * v.num_patches)
-      + layers_run * 4.0 * batch * n_pos * n_pos * vd)
-  out["total"] = sum(out.values())
-  # Causal query blocks (text.attention_causal_blocks) compute fewer than L^2 pairs.
-  pairs = causal_pairs(seq, t.attention_causal_blocks)
-  out["attention_skipped"] = (3.0 * t.num_layers * 4 * batch * (seq * seq - pairs)
-                              * t.num_heads * hd)
-  # What XLA executes on top of that in the expert FFNs ("executed rows" x FFN weights):
-  # - dropless, gmm_impl "ragged_dot": no XLA:CPU kernel, lowered densely (jax
-  #   `_ragged_dot_general_impl`): each of the k*T sorted rows meets all E experts'
-  #   weights under a mask, E x the useful FLOPs, forward and backward alike (TPU
-  #   lowers it to a grouped matmul and executes ~1 x);
-  # - capacity: every slot of the [E, C] buffers is computed, filled or not:
-  #   E * C * groups rows instead of k*T, about capacity_factor x.
-  # - dropless with the blocked gmm (moe.gmm_impl "auto" on CPU, moe_vlm.models.gmm):
-  #   k*T rows plus fewer than gmm_block_size padding rows per expert, data-dependent
-  #   and left out. XLA's cost_analysis counts a while loop's body once, so of each
-  #   expert matmul (forward, and its two backward products) it sees only one block of
-  #   min(block, k*T) rows: 6 * n_moe * (k*T - min(block, k*T)) * expert_ffn_w of the
-  #   active FLOPs are missing from XLA's figure (none at the --tiny sizes).
-  if t.moe:
-    active = t.moe.top_k * tokens
-    if t.moe.dispatch == "dropless" and gmm.resolve_impl(t.moe.gmm_impl) == "blocked":
-      rows = active
-      out["xla_uncounted"] = (6.0 * n_moe * (active - min(t.moe.gmm_block_size, active))
-                              * expert_ffn_w)
-    elif t.moe.dispatch == "dropless":
-      rows = t.moe.num_experts * active
-    else:
-      group = t.moe.group_size or batch
-      cap = t.moe.capacity(group * seq, train=True)
-      rows = t.moe.num_experts * cap * (batch // group)
-    out["executed_extra"] = 6.0 * n_moe * (rows - active) * expert_ffn_w
-  return out
+def train_step_flops(cfg: VLMConfig, batch: int, seq: int,
+                     head_fraction: Optional[float] = None) -> dict[str, float]:
+  """Model FLOPs of our train step on the benchmark model (`moe_vlm.cost.train_step_flops`
+  with what the benchmarks train, `STAGE_PRESET`, on jax's default backend), so every
+  benchmark counts the same step the same way. `head_fraction`: the compact LM head's
+  (None: the head on every position)."""
+  return cost.train_step_flops(cfg, STAGE_PRESET, batch, seq, head_fraction=head_fraction)
 
 
 # ------------------------------------------------------------------ weights and batch

@@ -6,9 +6,10 @@
 The benchmark model of `bench.config` (vision tower frozen, MoE top-2 of 4, AdamW) is
 trained with our jit train step (`moe_vlm.train.step`) on a 1-device mesh.
 
-- Model FLOPs per step come from `bench.config.train_step_flops`: matmul FLOPs of the
-  useful work only, counting the top_k ACTIVE experts of every MoE layer and, for the
-  frozen vision tower, only its forward (no weight gradients). They are printed next to
+- Model FLOPs per step come from `bench.config.train_step_flops` (the package's cost
+  model, `moe_vlm.cost`): matmul FLOPs of the useful work only, counting the top_k
+  ACTIVE experts of every MoE layer and, for the frozen vision tower, only its forward
+  (no backward reaches it, nor the projector's first matmul). They are printed next to
   XLA's `compiled.cost_analysis()["flops"]` with their ratio, and again with the expert
   FLOPs XLA executes beyond the active ones added (ragged_dot lowered densely, as on
   CPU with `moe.gmm_impl="ragged_dot"`, or the capacity path's empty slots) or, for
@@ -38,6 +39,13 @@ import jax.numpy as jnp
 from bench import common, config
 from bench.common import (compile_all, fmt_time, interleaved_times, matmul_peak, median,
                           xla_flops)
+from moe_vlm import cost
+
+# How the printed FLOP table names `moe_vlm.cost.MODEL_PARTS`.
+PART_NAMES = {"vision": "vision tower (frozen: forward only)", "projector": "projector",
+              "attention": "decoder attention projections (q, k, v, o)",
+              "attention_scores": "decoder attention scores (q k^T, p v)",
+              "ffn": "decoder FFNs (routers + top_k active experts)", "lm_head": "lm_head"}
 
 
 def prepare(s: config.Sizes, out: Callable[[str], None], dispatch: str = "dropless",
@@ -75,11 +83,10 @@ def run(step: config.JaxStep, s: config.Sizes, out: Callable[[str], None]) -> di
   best_peak = mm_flops / min(times["matmul"])
 
   f = config.train_step_flops(cfg, b, l)
-  model_flops = f["total"]
-  out("model FLOPs per step (formula, see bench.config.train_step_flops):")
-  for k, val in f.items():
-    if k not in ("total", "executed_extra", "xla_uncounted", "attention_skipped"):
-      out(f"  {k:44s} {val / 1e9:10.2f} GFLOP")
+  model_flops = f["model"]
+  out("model FLOPs per step (formula, see moe_vlm.cost.train_step_flops):")
+  for k in cost.MODEL_PARTS:
+    out(f"  {PART_NAMES[k]:44s} {f[k] / 1e9:10.2f} GFLOP")
   out(f"  {'total':44s} {model_flops / 1e9:10.2f} GFLOP")
   results = {"model_flops": model_flops, "step_s": t_step, "peak_flops": peak,
              "tokens_per_s": b * l / t_step}
@@ -89,9 +96,8 @@ def run(step: config.JaxStep, s: config.Sizes, out: Callable[[str], None]) -> di
     # What XLA executes differs from the model FLOPs: expert rows beyond the active ones
     # (ragged_dot lowered densely, empty capacity slots) and attention pairs the causal
     # blocks skip; and XLA does not count the blocked gmm's loop iterations after the first.
-    extra = f.get("executed_extra", 0.0)
-    skipped = f.get("attention_skipped", 0.0)
-    formula_executed = model_flops + extra - skipped
+    extra, skipped = f["expert_extra"], f["causal_skip"]
+    formula_executed = f["hardware"]
     if extra:
       why = ("ragged_dot lowered densely on CPU: every row x all E experts"
              if dispatch == "dropless" else "empty capacity slots computed")
@@ -99,7 +105,7 @@ def run(step: config.JaxStep, s: config.Sizes, out: Callable[[str], None]) -> di
           f"{extra / 1e9:.2f} GFLOP")
     if skipped:
       out(f"- attention FLOPs the causal query blocks skip: {skipped / 1e9:.2f} GFLOP")
-    uncounted = f.get("xla_uncounted", 0.0)
+    uncounted = f["xla_uncounted"]
     if uncounted:
       out(f"+ to XLA's count, expert FLOPs it does not count (blocked gmm: cost_analysis "
           f"counts each while-loop body once, one block per expert matmul): "

@@ -201,18 +201,17 @@ def matmul_rates(n: int, torch_device: str, reps: int) -> dict[str, list[float]]
 
 
 def ratio_ceiling(cfg, s: config.Sizes, t_torch: float, torch_device: str, reps: int,
-                  out: Callable[[str], None], head_rows: Optional[int] = None
+                  out: Callable[[str], None], head_fraction: Optional[float] = None
                   ) -> dict[str, float]:
   """The jax/torch ratio a step could reach if it ran every model FLOP at the best
   matmul rate measured here and did nothing else: best rate / torch's model FLOP rate.
 
   A target ratio above it cannot be met by this step on this machine, whatever the
-  implementation (model FLOPs: `bench.config.train_step_flops`). With the LM head on
-  only `head_rows` positions per row, our step skips part of those FLOPs, and its
-  ceiling rises by the same factor (printed as a second line).
+  implementation (model FLOPs: `bench.config.train_step_flops`). With the compact LM
+  head (`head_fraction`: our step's, None when it ran the full head), our step skips
+  part of those FLOPs, and its ceiling rises by the same factor (a second line).
   """
-  formula = config.train_step_flops(cfg, s.batch, s.seq)
-  flops = formula["total"]
+  flops = config.train_step_flops(cfg, s.batch, s.seq)["model"]
   times = matmul_rates(s.matmul_n, torch_device, reps)
   mm_flops = 2.0 * s.matmul_n ** 3
   rates = {k: mm_flops / median(v) for k, v in times.items()}
@@ -228,8 +227,8 @@ def ratio_ceiling(cfg, s: config.Sizes, t_torch: float, torch_device: str, reps:
   result = {"model_flops": flops, "torch_model_flops_per_s": torch_rate,
             "best_matmul_flops_per_s": rates[best], "best_library": best,
             "ratio_ceiling": ceiling}
-  if head_rows is not None and head_rows < s.seq:
-    skipped = formula["lm_head (6*W*T)"] * (s.seq - head_rows) / s.seq
+  skipped = flops - config.train_step_flops(cfg, s.batch, s.seq, head_fraction)["model"]
+  if skipped:
     result["compact_head_ceiling"] = ceiling * flops / (flops - skipped)
     out(f"our LM head skips {skipped / 1e9:.4g} of those {flops / 1e9:.4g} GFLOP (positions "
         f"without a target): ceiling for our step {result['compact_head_ceiling']:.2f} x torch")
@@ -390,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     out(f"compact/full LM head (ours, same rounds): {head_ratio:.3f} x; full head/torch = "
         f"{common.paired_ratio(times['torch'], times['jax_full_head']):.2f} x")
   ceiling = ratio_ceiling(cfg, s, t_torch, torch_device, reps, out,
-                          head_rows=head_rows if not float(m["head_full"]) else l)
+                          head_fraction=None if float(m["head_full"]) else head_fraction)
   out(f"# total wall time {time.perf_counter() - t0:.1f} s")
   return {"loss_check": check, "times": times, "switch_in_times": switch_in,
           "tokens_per_s": rate, "ratio": ratio,

@@ -50,16 +50,16 @@ def test_flop_formula_counts_active_experts_only():
   # One more active expert per token in every MoE layer adds 6 * 3*D*F per token.
   more = moe_layer.train_step_flops(
       moe_layer.vlm_config(dataclasses.replace(moe_layer.FULL, top_k=3)), 8, 256)
-  added = more["decoder matmuls (6*W*T)"] - f["decoder matmuls (6*W*T)"]
+  added = more["ffn"] - f["ffn"]
   assert added == 6 * len(t.moe_layers()) * 3 * d * ff * tokens
   # Dropless with ragged_dot (dense on CPU) executes every row against all E experts,
   # (E - 1) x the active term beyond it; the blocked gmm executes the active rows only
   # (its padding is data-dependent and left out). Model FLOPs are the same.
   dense, blocked = (train_step_flops_with(cfg, gmm_impl=impl) for impl in ("ragged_dot",
                                                                            "blocked"))
-  assert dense["executed_extra"] == 6 * len(t.moe_layers()) * (4 - 1) * 2 * tokens * 3 * d * ff
-  assert blocked["executed_extra"] == 0
-  assert dense["total"] == blocked["total"] == f["total"]
+  assert dense["expert_extra"] == 6 * len(t.moe_layers()) * (4 - 1) * 2 * tokens * 3 * d * ff
+  assert blocked["expert_extra"] == 0
+  assert dense["model"] == blocked["model"] == f["model"]
 
 
 def train_step_flops_with(cfg, **moe):

@@ -133,15 +133,15 @@ def test_tiny_mfu_benchmark_prints_mfu_peak_and_xla_check():
   # does not count (blocked gmm's loops), and the attention pairs the causal blocks
   # skip, the formula agrees closely with XLA (the remainder is element-wise work the
   # formula leaves out).
-  xla_flops = results["xla_flops"] + f.get("xla_uncounted", 0.0)
-  executed = f["total"] + f["executed_extra"] - f["attention_skipped"]
-  assert f["attention_skipped"] > 0
+  xla_flops = results["xla_flops"] + f["xla_uncounted"]
+  executed = f["model"] + f["expert_extra"] - f["causal_skip"]
+  assert f["causal_skip"] > 0
   assert 0.9 < executed / xla_flops <= 1.0
   assert math.isclose(results["executed_over_xla"], executed / xla_flops, rel_tol=1e-9)
-  assert math.isclose(formula_over_xla, f["total"] / results["xla_flops"], abs_tol=0.0006)
+  assert math.isclose(formula_over_xla, f["model"] / results["xla_flops"], abs_tol=0.0006)
   assert math.isclose(results["mfu"] * 100, got[0], abs_tol=0.06)
   assert math.isclose(results["peak_flops"] / 1e9, peak[0], rel_tol=0.01)
-  assert results["model_flops"] == f["total"]
+  assert results["model_flops"] == f["model"]
 
 
 def test_flop_formula_adds_back_what_xla_does_not_count_in_the_blocked_gmm():
@@ -154,7 +154,7 @@ def test_flop_formula_adds_back_what_xla_does_not_count_in_the_blocked_gmm():
   # XLA sees one 8-row block of each expert matmul (forward and both backward products).
   per_row = 6 * 3 * t.hidden_size * t.intermediate_size
   assert f["xla_uncounted"] == len(t.moe_layers()) * (rows - 8) * per_row
-  assert f["executed_extra"] == 0
+  assert f["expert_extra"] == 0
 
 
 KIND = re.compile(r"^kind (.+?)\s+(\S+) ms\s+(\S+)%$")
