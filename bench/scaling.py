@@ -22,8 +22,9 @@ of its checkpoints, through the HF importer), but only 2 of its 24 decoder layer
 MoE and one dense: the repeating pair of the "sparse" mode) and 2 of CLIP's 24 layers,
 because each compile takes ~10 s of CPU; per-layer bytes scale linearly with depth, the
 embeddings, lm_head and the rest do not. `--layers` / `--vision-layers` change that.
-The collectives are also predicted by `ici_bytes`, the formula of the TPU estimate, so
-the table checks the estimate's communication model against what XLA really emits.
+The collectives are also predicted by `moe_vlm.cost.ici_bytes`, the formula of the TPU
+estimate, so the table checks the estimate's communication model against what XLA
+really emits.
 
 Run as a script it asks XLA for 8 simulated CPU devices (before jax is imported).
 `--paper-estimate` compiles nothing: it is arithmetic on the real configs (see
@@ -46,11 +47,9 @@ if __name__ == "__main__":
 
 import argparse
 import dataclasses
-import functools
 import math
 import re
 import time
-import types
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -58,13 +57,12 @@ import jax.numpy as jnp
 
 from bench import common
 from configs import topologies
-from moe_vlm.convert import hf
+from moe_vlm import cost
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
-from moe_vlm.models.layers import causal_pairs
 from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.train import preflight, stages as stages_lib
 
-MiB, GiB = 1024 ** 2, 1024 ** 3
+MiB, GiB = 1024 ** 2, cost.GiB
 
 # ------------------------------------------------------------------ HLO collectives
 
@@ -301,62 +299,11 @@ def sharded_bytes(avals: Any, shardings: Any) -> int:
 
 # ------------------------------------------------------------------- the models
 
-# config.json of the checkpoints MoE-LLaVA starts from (configs/moe_llava.py `init`),
-# the fields the importer reads; shapes only, no weights are needed.
-HF_TEXT = {
-    "stablelm": dict(  # stabilityai/stablelm-2-1_6b
-        model_type="stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632,
-        num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
-        hidden_act="silu", layer_norm_eps=1e-5, partial_rotary_factor=0.25,
-        rope_theta=10000, use_qkv_bias=True, use_parallel_residual=False,
-        qk_layernorm=False, tie_word_embeddings=False),
-    "qwen": dict(  # Qwen/Qwen1.5-1.8B
-        model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=5504,
-        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
-        use_sliding_window=False, tie_word_embeddings=False),
-    "phi2": dict(  # microsoft/phi-2
-        model_type="phi", vocab_size=51200, hidden_size=2560, intermediate_size=10240,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.4,
-        rope_theta=10000.0, qk_layernorm=False, tie_word_embeddings=False),
-}
-HF_CLIP_L336 = dict(  # openai/clip-vit-large-patch14-336, vision_config
-    model_type="clip_vision_model", image_size=336, patch_size=14, num_channels=3,
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    layer_norm_eps=1e-5, hidden_act="quick_gelu")
 # Active parameters of the LLM with top-2 of 4 experts, as the MoE-LLaVA model zoo
-# lists them (billions); `real_config` is checked against these in the tests.
+# lists them (billions); `moe_vlm.cost.real_config` is checked against these in the tests.
 PAPER_ACTIVE_B = {"stablelm": 2.0, "qwen": 2.2, "phi2": 3.6}
 VARIANT_NAMES = {"stablelm": "MoE-LLaVA-StableLM-1.6Bx4", "qwen": "MoE-LLaVA-Qwen-1.8Bx4",
                  "phi2": "MoE-LLaVA-Phi2-2.7Bx4"}
-
-
-def moe_llava_moe(num_experts: int = 4, **kw) -> MoEConfig:
-  """configs/moe_llava.py's MoE settings (top-2, every other layer, capacity 1.5)."""
-  base = dict(num_experts=num_experts, top_k=2, moe_mode="sparse", dispatch="capacity",
-              capacity_factor=1.5, eval_capacity_factor=2.0, aux_loss_coef=0.01)
-  return MoEConfig(**{**base, **kw})
-
-
-def real_config(variant: str, moe: Optional[MoEConfig] = None, *,
-                layers: Optional[int] = None, vision_layers: Optional[int] = None,
-                dtype: str = "bfloat16", remat: str = "full") -> VLMConfig:
-  """A MoE-LLaVA variant's VLMConfig through the same importer `loop.model_config` uses,
-  with the paper's execution settings (bf16 compute, fp32 params, full remat).
-  `layers`/`vision_layers` cut the depth (compile time); everything else is real."""
-  if variant not in HF_TEXT:
-    raise ValueError(f"variant={variant!r}: expected one of {sorted(HF_TEXT)}")
-  text = hf.text_config_from_hf(types.SimpleNamespace(**HF_TEXT[variant]), dtype)
-  vision = hf.vision_config_from_hf(types.SimpleNamespace(**HF_CLIP_L336), dtype)
-  text = dataclasses.replace(text, remat=remat, moe=moe,
-                             num_layers=layers or text.num_layers)
-  vision = dataclasses.replace(vision, num_layers=vision_layers or vision.num_layers)
-  cfg = VLMConfig(vision=vision, text=text, projector="mlp2x_gelu", vision_feature_layer=-2,
-                  vision_feature_select_strategy="default",
-                  image_token_id=text.vocab_size - 1)
-  cfg.validate()
-  return cfg
 
 
 def tiny_config(moe: Optional[MoEConfig] = None) -> VLMConfig:
@@ -430,7 +377,7 @@ class Row:
   state: dict[str, int]          # per-device bytes: params, frozen, opt_state
   collectives: dict[str, CollectiveTotals]
   ops: list[CollectiveOp]
-  predicted: dict[str, float]    # `ici_bytes` for this layout: the estimate's formula
+  predicted: dict[str, float]    # `cost.ici_bytes` for this layout: the estimate's formula
 
   @property
   def wire_bytes(self) -> float:
@@ -479,13 +426,13 @@ def measure(cfgs: Mapping[int, VLMConfig], layouts: Iterable[tuple[int, Layout]]
     text = c.as_text()
     cfg = cfgs[e]
     ways = math.prod(layout.mesh.get(a, 1) for a in mesh_lib.BATCH_AXES)
-    comm = CommModel(act_bytes=4 if on_cpu else jnp.dtype(cfg.text.dtype).itemsize,
+    comm = cost.CommModel(act_bytes=4 if on_cpu else jnp.dtype(cfg.text.dtype).itemsize,
                      grad_reduce="all-reduce" if on_cpu else "reduce-scatter",
                      ep_impl=layout.ep_impl)
     rows.append(Row(layout, e, memory_summary(c.memory_analysis()), _state_bytes(c),
                     parse_collectives(text, layout.devices),
                     collective_ops(text, layout.devices),
-                    ici_bytes(cfg, train, layout.mesh, batch // ways, 1, seq, comm)))
+                    cost.ici_bytes(cfg, train, layout.mesh, batch // ways, 1, seq, comm)))
   return rows
 
 
@@ -496,7 +443,7 @@ def _mib(x: float) -> str:
 def format_table(rows: Sequence[Row]) -> list[str]:
   """One line per layout: memory per device, then each collective kind's payload per
   device (MiB) with its instruction count, then the bytes a device sends (ring
-  algorithms) as read from the HLO and as `ici_bytes` predicts them."""
+  algorithms) as read from the HLO and as `moe_vlm.cost.ici_bytes` predicts them."""
   head = (f"{'E':>2} {'layout':18s} {'dev':>3} {'mesh':12s} {'state':>9} {'args':>9} "
           f"{'temp':>9} {'peak':>9} | " +
           " ".join(f"{k:>14s}" for k in ("all-reduce", "all-gather", "reduce-scatter",
@@ -524,7 +471,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   p.add_argument("--tiny", action="store_true", help="tiny config (seconds)")
   p.add_argument("--paper-estimate", action="store_true",
                  help="print the TPU v5e/v5p estimate for the real configs and exit")
-  p.add_argument("--variant", default="stablelm", choices=sorted(HF_TEXT))
+  p.add_argument("--variant", default="stablelm", choices=sorted(VARIANT_NAMES))
   p.add_argument("--layers", type=int, default=2,
                  help="decoder layers kept (MoE in every other one, from layer 0)")
   p.add_argument("--vision-layers", type=int, default=2, help="CLIP layers kept")
@@ -556,8 +503,9 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   if a.tiny:
     cfgs = {e: tiny_config(MoEConfig(num_experts=e, group_size=1)) for e in experts}
   else:
-    cfgs = {e: real_config(a.variant, moe_llava_moe(e, group_size=1), layers=a.layers,
-                           vision_layers=a.vision_layers) for e in experts}
+    cfgs = {e: cost.real_config(a.variant, cost.moe_llava_moe(e, group_size=1),
+                                layers=a.layers, vision_layers=a.vision_layers)
+            for e in experts}
   words = [w for w in a.layouts.split(",") if w]
   if a.tiny:
     jobs = [(experts[0], layout) for layout in TINY_LAYOUTS]
@@ -590,276 +538,23 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
 # ------------------------------------------------------------- paper estimate
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Google's published per-chip figures (cloud.google.com/tpu/docs/v5e, /v5p)."""
-  name: str
-  peak_flops: float     # bf16 FLOP/s
-  hbm_bytes: float
-  hbm_bw: float         # bytes/s
-  ici_bw: float         # bidirectional inter-chip interconnect bytes/s per chip, all ports
-  ici_ports: int
-
-  @property
-  def ici_send_bw(self) -> float:
-    """What a chip can send: half the bidirectional figure, every port busy."""
-    return self.ici_bw / 2
-
-
-CHIPS = {
-    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 400e9, 4),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 1200e9, 6),
-}
-
-
-@functools.lru_cache(maxsize=32)
-def param_table(cfg: VLMConfig) -> tuple[tuple[str, int], ...]:
-  """(dotted name, fp32-or-param-dtype bytes) of every parameter, from the abstract
-  model (`nnx.eval_shape`: nothing is allocated)."""
-  from flax import nnx
-  from moe_vlm.models.params import ParamCodec
-  from moe_vlm.models.vlm import VLM
-  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-  return tuple((n, math.prod(a.shape) * a.dtype.itemsize) for n, a in codec.shapes.items())
-
-
-def _trainable_parts(cfg: VLMConfig, train: str) -> Callable[[str], bool]:
-  """Whether any parameter under a dotted prefix trains in this stage preset."""
-  trainable = stages_lib.trainable_fn(train)
-  names = [n for n, _ in param_table(cfg) if trainable(n)]
-  return lambda prefix: any(n.startswith(prefix) for n in names)
-
-
-def step_flops(cfg: VLMConfig, train: str, batch: int, seq: int,
-               trains: Optional[Callable[[str], bool]] = None) -> dict[str, float]:
-  """Matmul FLOPs of one train step of `batch` sequences of `seq` tokens, one image each.
-
-  Counted as 2 per multiply-add, matmuls only (norms, softmax, activations, the loss and
-  the optimizer are left out). Walking the graph bottom-up (vision -> projector ->
-  decoder blocks -> lm_head), each weight matmul costs 2*W*T forward, 2*W*T for the
-  input gradient if anything trainable lies below it, 2*W*T for the weight gradient if
-  it trains; attention scores (q k^T and p v, the full L x L as implemented) 4*L^2*H*hd
-  per sequence forward and twice that backward when the gradient passes through them.
-  The frozen vision tower runs forward only.
-
-  "model": that work with the top_k active experts only - the MFU numerator.
-  "hardware": what this implementation executes on top: the capacity path runs every
-  slot of its [E, C] buffers (E*C*groups rows instead of k*T), and `remat="full"`
-  recomputes the forward of every decoder block a gradient passes through; less the
-  masked score pairs the causal query blocks skip ("causal_skip").
-  """
-  t, v = cfg.text, cfg.vision
-  trains = trains or _trainable_parts(cfg, train)
-  d, hd, tokens = t.hidden_size, t.dim_per_head, batch * seq
-  attn_w = d * hd * (2 * t.num_heads + 2 * t.num_kv_heads)
-  mats = 3 if t.mlp == "gated" else 2
-  dense_w = mats * d * t.intermediate_size
-  moe_layers = set(t.moe_layers())
-  if t.moe:
-    expert_w = mats * d * (t.moe.expert_intermediate_size or t.intermediate_size)
-    group = t.moe.group_size or batch
-    if t.moe.dispatch == "capacity":
-      rows = t.moe.num_experts * t.moe.capacity(group * seq, train=True) * (batch // group)
-    else:
-      rows = t.moe.top_k * tokens
-    exec_rows_per_token = rows / tokens
-  scores = 4.0 * batch * seq * seq * t.num_heads * hd
-  # What the causal query blocks compute of the L x L scores (model FLOPs count all).
-  exec_scores = scores * causal_pairs(seq, t.attention_causal_blocks) / (seq * seq)
-  out = dict.fromkeys(("vision", "projector", "attention", "ffn", "lm_head", "remat",
-                       "capacity_padding", "causal_skip"), 0.0)
-  # Frozen vision tower, forward only: the layers up to vision_feature_layer.
-  vd, n_pos = v.hidden_size, v.num_positions
-  run = cfg.vision_feature_layer % (v.num_layers + 1)
-  out["vision"] = 2.0 * batch * (run * (4 * vd * vd + 2 * vd * v.intermediate_size) * n_pos
-                                 + v.patch_size ** 2 * v.num_channels * vd * v.num_patches)
-  out["vision"] += run * 4.0 * batch * n_pos * n_pos * vd
-  if trains("vision."):
-    raise ValueError("step_flops: the vision tower is frozen in every MoE-Tuning stage")
-  proj_w = vd * d + (d * d if cfg.projector == "mlp2x_gelu" else 0)
-  img = batch * cfg.num_image_tokens
-  below = trains("projector.")
-  out["projector"] = 2.0 * proj_w * img * (1 + below)  # no input gradient: vision frozen
-  below = below or trains("llm.embed")
-  for i in range(t.num_layers):
-    pre = f"llm.layers.{i}."
-    block_has_backward = below or trains(pre)
-    # attention
-    a_tr = trains(pre + "attn.")
-    fwd = 2.0 * attn_w * tokens + scores
-    bwd = 2.0 * attn_w * tokens * (below + a_tr) + 2 * scores * (below or a_tr)
-    out["attention"] += fwd + bwd
-    out["causal_skip"] += (scores - exec_scores) * (1 + 2 * (below or a_tr))
-    below = below or a_tr
-    # FFN: dense, or the router plus top_k active experts
-    m_tr = trains(pre + "mlp.")
-    if i in moe_layers:
-      active = t.moe.top_k * expert_w + d * t.moe.num_experts
-      executed = exec_rows_per_token * expert_w + d * t.moe.num_experts
-    else:
-      active = executed = dense_w
-    passes = 1 + below + m_tr
-    out["ffn"] += 2.0 * active * tokens * passes
-    out["capacity_padding"] += 2.0 * (executed - active) * tokens * passes
-    if block_has_backward and t.remat == "full":
-      out["remat"] += 2.0 * (attn_w + executed) * tokens + exec_scores
-    below = below or m_tr
-  head_w = d * t.vocab_size
-  out["lm_head"] = 2.0 * head_w * tokens * (1 + below + trains("llm.lm_head"))
-  out["model"] = sum(out[k] for k in ("vision", "projector", "attention", "ffn", "lm_head"))
-  out["hardware"] = (out["model"] + out["remat"] + out["capacity_padding"]
-                     - out["causal_skip"])
-  out["tokens"] = float(tokens)
-  return out
-
-
-def attention_hbm_bytes(cfg: VLMConfig, train: str, batch: int, seq: int,
-                        trains: Optional[Callable[[str], bool]] = None) -> float:
-  """HBM traffic of the materialised [B, H, L, L] attention matrices (the implementation
-  is plain einsum + fp32 softmax, no flash kernel): assumed one fp32 write and one read
-  (8 bytes per element) per pass; passes: forward, the remat recomputation and two in
-  the backward (probabilities and their gradient) for blocks a gradient passes through."""
-  t = cfg.text
-  trains = trains or _trainable_parts(cfg, train)
-  below = trains("projector.") or trains("llm.embed")
-  elems = batch * t.num_heads * seq * seq
-  total = 0.0
-  for i in range(t.num_layers):
-    pre = f"llm.layers.{i}."
-    has_bwd = below or trains(pre)
-    attn_bwd = below or trains(pre + "attn.")
-    passes = 1 + (has_bwd and t.remat == "full") + 2 * attn_bwd
-    total += 8.0 * elems * passes
-    below = below or trains(pre)
-  return total
-
-
-def param_bytes(cfg: VLMConfig, train: str) -> dict[str, float]:
-  """Bytes of the dense (non-expert) and expert parameters, all and trainable; of the
-  dense ones, those inside decoder blocks and the token embedding table."""
-  trainable = stages_lib.trainable_fn(train)
-  out = dict.fromkeys(("dense", "expert", "dense_trainable", "expert_trainable",
-                       "dense_decoder", "embed"), 0.0)
-  for n, b in param_table(cfg):
-    kind = "expert" if ".mlp.experts." in n else "dense"
-    out[kind] += b
-    if trainable(n):
-      out[f"{kind}_trainable"] += b
-    if kind == "dense" and n.startswith("llm.layers."):
-      out["dense_decoder"] += b
-    if n.startswith("llm.embed"):
-      out["embed"] += b
-  return out
-
-
-@dataclasses.dataclass(frozen=True)
-class CommModel:
-  """How the estimate turns a layout into bytes. Defaults describe TPU; `CPU_COMM` what
-  XLA:CPU compiles (bf16 dots computed in f32, so activations travel in f32; gradient
-  reduce-scatter written as all-reduce + slice), for checking the formula against the
-  compiled HLO of `bench.scaling`."""
-  act_bytes: int = 2                   # bf16 activations
-  grad_reduce: str = "reduce-scatter"  # or "all-reduce"
-  ep_impl: str = "gspmd"
-
-
-CPU_COMM = CommModel(act_bytes=4, grad_reduce="all-reduce")
-
-
-def ici_bytes(cfg: VLMConfig, train: str, mesh: Mapping[str, int], micro_batch: int,
-              accum: int, seq: int, comm: CommModel = CommModel()) -> dict[str, float]:
-  """Bytes each chip sends per step for the project's layout (default logical rules:
-  weights over fsdp (embed) and model (heads/mlp/vocab), experts over expert, batch over
-  data x fsdp x expert), ring algorithms (`wire_factor`), `accum` micro-batches of
-  `micro_batch` sequences per chip. Counts per micro-batch, as the compiled HLO of
-  `bench.scaling` shows them (fp32 parameters, remat full):
-  - FSDP: every weight is all-gathered over fsdp (fp32) where it is used: the decoder
-    blocks' twice with `remat="full"` (forward, then recomputation + backward share one
-    gather), once without; lm_head, projector and vision tower once; the embedding
-    table never (the lookup reads the shards). Trainable gradients are reduce-scattered
-    over fsdp (fp32), then all-reduced over the batch axes that hold copies: data (and
-    expert, for non-expert weights);
-  - tensor parallel, per decoder layer: all-reduces of the attention and FFN outputs
-    in the forward, of the attention output again in the recomputation (the FFN output
-    is not needed by the backward), and where the layer's input needs a gradient one
-    per input projection (q, k, v; gate and up, or the one plain fc1). An MoE layer's
-    FFN tensors are its [E, C, D] buffer, capacity_factor x top_k rows per token;
-  - expert parallel, per MoE layer: shard_map sends its [E, C, D] buffer in 5
-    all-to-alls (dispatch and combine forward and backward, the recomputed dispatch);
-    GSPMD in 3, and all-gathers the top_k-repeated tokens of the expert group twice
-    (forward and recomputation) to scatter them into the buffers; where the layer's
-    input needs a gradient, the transpose of that gather reduces them back
-    (reduce-scatter; XLA:CPU: all-reduce).
-  Not counted: collectives of routing statistics, losses and the vision tower under
-  tensor parallelism (each < 1% in the measured HLO).
-  """
-  t = cfg.text
-  d_, f, m, e = (mesh.get(a, 1) for a in ("data", "fsdp", "model", "expert"))
-  pb = param_bytes(cfg, train)
-  ring = lambda n: (n - 1) / n
-  decoder_gathers = 2 if t.remat == "full" else 1
-  once = pb["dense"] - pb["dense_decoder"] - pb["embed"]
-  out = {"fsdp all-gather": ring(f) * (once / m + decoder_gathers * (
-      pb["dense_decoder"] / m + pb["expert"] / (m * e)))}
-  g_dense, g_expert = pb["dense_trainable"] / m, pb["expert_trainable"] / (m * e)
-  # A reduce-scatter sends (f-1)/f of the gradients; XLA:CPU's all-reduce twice that.
-  per_grad = ring(f) * (1 if comm.grad_reduce == "reduce-scatter" else 2)
-  out["gradient reduce over fsdp"] = per_grad * (g_dense + g_expert)
-  out["gradient all-reduce over data/expert"] = (2 * ring(d_ * e) * g_dense +
-                                                2 * ring(d_) * g_expert) / f
-  act = micro_batch * seq * t.hidden_size * comm.act_bytes
-  moe_layers = len(t.moe_layers()) if t.moe else 0
-  buffer = t.moe.capacity_factor * t.moe.top_k * act if t.moe else 0.0
-  trains = _trainable_parts(cfg, train)
-  mats_in = 2 if t.mlp == "gated" else 1
-  below, tp = trains("projector.") or trains("llm.embed"), 0.0
-  for i in range(t.num_layers):
-    pre = f"llm.layers.{i}."
-    ffn = buffer if i in t.moe_layers() else act
-    tp += act + ffn + act * (below or trains(pre))  # forward, recomputation
-    below = below or trains(pre + "attn.")
-    tp += 3 * act * below                           # q, k, v input gradients
-    below = below or trains(pre)
-    tp += mats_in * ffn * below                     # FFN input gradients
-  out["tensor all-reduce"] = 2 * ring(m) * tp
-  if moe_layers and e > 1:
-    if comm.ep_impl == "shard_map":
-      out["expert all-to-all"] = ring(e) * 5 * buffer * moe_layers
-    else:
-      out["expert all-to-all"] = ring(e) * 3 * buffer * moe_layers
-      tokens = e * t.moe.top_k * act  # the gathered [e x b, k x L, D] tokens
-      out["expert token all-gather"] = ring(e) * 2 * tokens * moe_layers
-      below, with_input_grad = trains("projector.") or trains("llm.embed"), 0
-      for i in range(t.num_layers):
-        pre = f"llm.layers.{i}."
-        below = below or trains(pre + "attn.")
-        with_input_grad += i in t.moe_layers() and below
-        below = below or trains(pre)
-      reduce = ring(e) * (1 if comm.grad_reduce == "reduce-scatter" else 2)
-      out["expert token gradient reduce"] = reduce * tokens * with_input_grad
-  out = {k: v * accum for k, v in out.items()}
-  out["total"] = sum(out.values())
-  return out
-
-
 ESTIMATE_TOPOLOGIES = ("v5e-16", "v5e-64", "v5e-256", "v5p-128")
-STAGE_TRAIN = {1: "projector", 2: "projector_llm", 3: "moe_layers"}
 
 
 def estimate_row(variant: str, topology: str, stage: int, seq: int = 2048) -> dict[str, Any]:
-  """Step time and MFU of one stage of one variant on one topology preset."""
+  """Step time and MFU of one stage of one variant on one topology preset (every count
+  from `moe_vlm.cost`)."""
   topo = topologies.get(topology)
-  chip = CHIPS[topo.generation]
+  chip = cost.CHIPS[topo.generation]
   batch = topologies.MOE_LLAVA_BATCH[stage]
   accum = topologies.grad_accum(topo, batch)
   micro = topologies.per_chip_batch(topo, batch)
-  moe = moe_llava_moe(4, group_size=4) if stage == 3 else None
-  cfg = real_config(variant, moe)
-  train = STAGE_TRAIN[stage]
-  trains = _trainable_parts(cfg, train)
-  fl = step_flops(cfg, train, batch, seq, trains)
-  attn_hbm = attention_hbm_bytes(cfg, train, batch, seq, trains) / topo.chips
-  comm = ici_bytes(cfg, train, topo.mesh, micro, accum, seq)
+  moe = cost.moe_llava_moe(4, group_size=4) if stage == 3 else None
+  cfg = cost.real_config(variant, moe)
+  train = cost.STAGE_TRAIN[stage]
+  fl = cost.train_step_flops(cfg, train, batch, seq, backend="tpu")
+  attn_hbm = cost.attention_hbm_bytes(cfg, train, batch, seq) / topo.chips
+  comm = cost.ici_bytes(cfg, train, topo.mesh, micro, accum, seq)
   t_matmul = fl["hardware"] / (topo.chips * chip.peak_flops)
   t_softmax = attn_hbm / chip.hbm_bw
   t_ici = comm["total"] / chip.ici_send_bw
@@ -882,7 +577,8 @@ def paper_estimate(out: Callable[[str], None] = print,
                    topology_names: Sequence[str] = ESTIMATE_TOPOLOGIES,
                    stages: Sequence[int] = (1, 2, 3)) -> dict:
   """The TPU estimate of BENCHMARKS.md: arithmetic only, every input printed."""
-  for c in CHIPS.values():
+  for gen in dict.fromkeys(topologies.get(t).generation for t in topology_names):
+    c = cost.CHIPS[gen]
     out(f"# {c.name}: {c.peak_flops / 1e12:.0f} TFLOP/s bf16, HBM {c.hbm_bytes / GiB:.0f} GiB "
         f"at {c.hbm_bw / 1e9:.0f} GB/s, ICI {c.ici_bw / 1e9:.0f} GB/s bidirectional per chip "
         f"({c.ici_ports} ports): {c.ici_send_bw / 1e9:.0f} GB/s sent")
@@ -898,12 +594,10 @@ def paper_estimate(out: Callable[[str], None] = print,
       "configs/topologies.py estimate_memory / capacity")
   rows = []
   for variant in variants:
-    cfg = real_config(variant, moe_llava_moe(4))
+    cfg = cost.real_config(variant, cost.moe_llava_moe(4))
     t = cfg.text
-    mats = 3 if t.mlp == "gated" else 2
-    active = (t.num_layers * t.hidden_size * t.dim_per_head * 2 * (t.num_heads + t.num_kv_heads)
-              + (t.num_layers + len(t.moe_layers())) * mats * t.hidden_size * t.intermediate_size
-              + t.hidden_size * t.vocab_size)
+    w = cost.matmul_weights(cfg).active(t.moe.top_k)
+    active = w["attention"] + w["ffn"] + w["lm_head"]
     out(f"## {VARIANT_NAMES[variant]}: decoder {t.num_layers} x {t.hidden_size}, FFN "
         f"{t.intermediate_size}, {t.num_heads} heads, vocab {t.vocab_size}; "
         f"{len(t.moe_layers())} MoE layers; active decoder + lm_head matmul weights "
@@ -925,8 +619,10 @@ def paper_estimate(out: Callable[[str], None] = print,
             f"{r['hbm_gib']:5.1f}/{r['hbm_cap_gib']:g}")
     for stage in stages:  # the FLOP formula's parts do not depend on the topology
       f = next(r["flops"] for r in rows if r["variant"] == variant and r["stage"] == stage)
-      parts = ", ".join(f"{k} {f[k] / f['tokens'] / 1e9:.2f}" for k in (
-          "vision", "projector", "attention", "ffn", "lm_head", "remat", "capacity_padding"))
+      shown = dict(vision=f["vision"], projector=f["projector"],
+                   attention=f["attention"] + f["attention_scores"], ffn=f["ffn"],
+                   lm_head=f["lm_head"], remat=f["remat"], capacity_padding=f["expert_extra"])
+      parts = ", ".join(f"{k} {v / f['tokens'] / 1e9:.2f}" for k, v in shown.items())
       out(f"  stage {stage} GFLOP per token: {parts} (model {f['model'] / f['tokens'] / 1e9:.2f}"
           f", executed {f['hardware'] / f['tokens'] / 1e9:.2f})")
   return {"rows": rows}

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bench import scaling
+from moe_vlm import cost as cost_model
 from moe_vlm.models.config import MoEConfig, TextConfig, VisionConfig, VLMConfig
 from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.train import preflight
@@ -154,8 +155,8 @@ def test_fsdp_divides_state_memory_and_gathers_every_parameter_once(tiny_run):
   # gathered: the embedding table (the lookup runs on the shards) and the last vision
   # layer and post-norm, which vision_feature_layer=-2 never runs.
   unused = ("llm.embed", "vision.layers.1.", "vision.post_norm.")
-  used = sum(b for n, b in scaling.param_table(scaling.tiny_config(MoEConfig(
-      num_experts=4, group_size=1))) if not n.startswith(unused))
+  used = sum(p.nbytes for p in cost_model.param_table(scaling.tiny_config(MoEConfig(
+      num_experts=4, group_size=1))) if not p.name.startswith(unused))
   assert used <= fsdp["collectives"]["all-gather"]["payload"] <= 1.05 * used
 
 
@@ -189,7 +190,7 @@ def test_step_flops_match_xla_cost_analysis(train):
   lowered = preflight.lower_train_step(cfg, mesh, batch_size=4, seq_len=128, train=train)
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  f = scaling.step_flops(cfg, train, 4, 128)
+  f = cost_model.train_step_flops(cfg, train, 4, 128)
   # Matmuls only on our side; XLA also counts element-wise work and the optimizer.
   assert 0.97 <= f["hardware"] / cost["flops"] <= 1.03, (f, cost["flops"])
   assert f["model"] < f["hardware"]  # remat and empty capacity slots are not model FLOPs
@@ -199,7 +200,7 @@ def test_real_configs_have_the_papers_active_parameters():
   """The config.json values give the MoE-LLaVA model zoo's active parameter counts
   (LLM with top-2 of 4 experts), counted here without building the model."""
   for variant, paper_b in scaling.PAPER_ACTIVE_B.items():
-    cfg = scaling.real_config(variant, scaling.moe_llava_moe(4))
+    cfg = cost_model.real_config(variant, cost_model.moe_llava_moe(4))
     t = cfg.text
     d, hd = t.hidden_size, t.dim_per_head
     ffn = (3 if t.mlp == "gated" else 2) * d * t.intermediate_size
