@@ -8,23 +8,21 @@ recipe (one epoch over the stage's data, global batch 256 / 128 / 128, sequences
 to data.max_length = 2048 tokens as our pipeline does, one image each):
 
   steps          = samples // batch
-  FLOPs per step = model FLOPs of the train step (see `stage_step_flops`)
+  FLOPs per step = model FLOPs of the stage's train step (`stage_step_flops`)
   hours          = steps x FLOPs per step / (chips x peak bf16 FLOP/s x MFU) / 3600
   cost           = hours x chips x on-demand price per chip-hour
 
-FLOPs come from bench.config.train_step_flops (the benchmarks' formula: matmuls only,
-everything past the frozen vision tower trained, 6 x weights x tokens) minus the weight
-gradients a stage does not compute for its frozen weights (`stage_step_flops`). The MFU
-is an assumption, not a measurement: nothing here has run on a TPU yet. Prices and
-peaks are the assumptions in `CHIPS`; pass --price / --mfu to use yours.
+FLOPs, chip peaks and prices come from the package's cost model, `moe_vlm.cost`
+(matmuls only; frozen weights get no weight gradient, and nothing below the lowest
+trainable weight runs a backward). The MFU is an assumption, not a measurement:
+nothing here has run on a TPU yet. Prices and peaks are the assumptions in
+`moe_vlm.cost.CHIPS`; pass --price / --mfu to use yours.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import math
 import os
 import sys
 from typing import Callable, Mapping, Optional, Sequence
@@ -32,27 +30,10 @@ from typing import Callable, Mapping, Optional, Sequence
 if __name__ == "__main__":  # `python launch/estimate.py` from anywhere: the repo on the path
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.config import train_step_flops  # noqa: E402
 from configs import moe_llava, topologies  # noqa: E402
-from moe_vlm.models.config import TextConfig, VisionConfig, VLMConfig  # noqa: E402
-from moe_vlm.train import stages as stages_lib  # noqa: E402
+from moe_vlm import cost  # noqa: E402
+from moe_vlm.models.config import MoEConfig, VLMConfig, from_dict  # noqa: E402
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  peak_flops: float          # dense bf16 FLOP/s per chip (Google's published figure)
-  price_per_chip_hour: float  # USD, on-demand
-
-
-# Assumptions: peaks from the Cloud TPU system architecture pages; prices are Google Cloud's
-# on-demand list prices per chip-hour in US regions as published in 2024 (v4 us-central2,
-# v5e us-west4 / us-east1, v5p us-east5). Not re-checked when this was written (no web
-# access here, 2026-11-23): check cloud.google.com/tpu/pricing and pass --price.
-CHIPS = {
-    "v4": Chip(peak_flops=275e12, price_per_chip_hour=3.22),
-    "v5e": Chip(peak_flops=197e12, price_per_chip_hour=1.20),
-    "v5p": Chip(peak_flops=459e12, price_per_chip_hour=4.20),
-}
 # Model-FLOPs utilisation assumed for our train step (bf16, full remat, capacity
 # dispatch, XLA attention): recomputation and capacity padding execute ~1.3-1.5x the
 # model FLOPs, so 35% MFU means the MXUs are busy about half of the time.
@@ -62,93 +43,21 @@ DEFAULT_MFU = 0.35
 # + SViT 157k; the small NLP file the scripts add is not counted); LLaVA-mix-665k
 # (665,298 conversations).
 PAPER_SAMPLES = {1: 558_128, 2: 964_000, 3: 665_298}
-# Vision towers of the variants: CLIP ViT-L/14-336 and SigLIP-so400m-patch14-384.
-IMAGE_SIZE = {"clip": 336, "siglip": 384}
-
-
-def paper_model_config(variant: str) -> VLMConfig:
-  """The dense (stage 1-2) model of a configs/moe_llava.py variant. Its dimensions come
-  from configs/topologies.MODELS (the HF checkpoints' config.json, which the real run
-  reads from disk); only what sets the FLOPs is filled in (head_dim = hidden / heads, no
-  GQA in these models)."""
-  c = moe_llava.get_config(variant)
-  m = topologies.MODELS[variant]
-  norm = c.data.normalization
-  vision = VisionConfig(variant=norm, image_size=IMAGE_SIZE[norm], patch_size=14,
-                        hidden_size=m.vision_hidden, intermediate_size=m.vision_intermediate,
-                        num_layers=m.vision_layers, num_heads=16, dtype=c.model.vision.dtype)
-  text = TextConfig(family=variant, vocab_size=m.vocab, hidden_size=m.hidden,
-                    intermediate_size=m.intermediate, num_layers=m.layers, num_heads=m.heads,
-                    num_kv_heads=m.heads, mlp="gated" if m.ffn_mats == 3 else "plain",
-                    dtype=c.model.text.dtype, remat=c.model.text.remat)
-  return VLMConfig(vision=vision, text=text, projector=c.model.projector,
-                   vision_feature_layer=c.model.vision_feature_layer,
-                   vision_feature_select_strategy=c.model.vision_feature_select_strategy,
-                   image_token_id=m.vocab - 1)
 
 
 def stage_model_config(variant: str, stage: int) -> VLMConfig:
-  """Stage 3 upcycles: the variant's MoE settings on the dense model (as loop.py does)."""
-  from moe_vlm.train import loop
-  return loop.stage_model_config(moe_llava.get_config(variant), paper_model_config(variant),
-                                 stage)
+  """Stage k's model of a configs/moe_llava.py variant: the checkpoints' dimensions
+  (`moe_vlm.cost.real_config`) with the config file's dtypes and remat; stage 3
+  upcycles with the file's MoE settings."""
+  c = moe_llava.get_config(variant)
+  moe = from_dict(MoEConfig, c.moe.to_dict(), "moe") if stage == 3 else None
+  return cost.real_config(variant, moe, dtype=c.model.text.dtype, remat=c.model.text.remat)
 
 
-@functools.lru_cache(maxsize=16)
-def _matmul_weights_per_token(cfg: VLMConfig) -> tuple[tuple[str, float], ...]:
-  """(name, weights a token meets) of every decoder, lm_head and projector matmul kernel
-  of the model's real parameter tree (a routed token meets top_k of the E experts)."""
-  from flax import nnx
-  from moe_vlm.models.params import ParamCodec
-  from moe_vlm.models.vlm import VLM
-  # The vision tower is frozen and runs forward only in every stage (train_step_flops
-  # counts it): build one layer of it, at a size its patches tile, to save time.
-  v = cfg.vision
-  shape_cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
-      v, num_layers=1, image_size=v.image_size // v.patch_size * v.patch_size))
-  shapes = ParamCodec.abstract(lambda: VLM(shape_cfg, rngs=nnx.Rngs(0))).shapes
-  moe, out = cfg.text.moe, []
-  for name, s in shapes.items():
-    if len(s.shape) < 2 or name.startswith("vision."):
-      continue  # biases and norm scales; the vision tower
-    if name == "llm.embed" and not cfg.text.tie_embeddings:
-      continue  # a gather, no matmul
-    size = float(math.prod(s.shape))
-    out.append((name, size * moe.top_k / moe.num_experts if ".mlp.experts." in name else size))
-  return tuple(out)
-
-
-def frozen_matmul_weights(cfg: VLMConfig, trainable: Callable[[str], bool]) -> dict[str, float]:
-  """Matmul weights per token that a stage leaves frozen, in the LLM (decoder + lm_head)
-  and in the projector (image tokens only), from the stage's trainable predicate; and
-  "llm_all", every LLM matmul weight a token meets."""
-  out = {"llm": 0.0, "projector": 0.0, "llm_all": 0.0}
-  for name, size in _matmul_weights_per_token(cfg):
-    part = "projector" if name.startswith("projector.") else "llm"
-    if part == "llm":
-      out["llm_all"] += size
-    if not trainable(name):
-      out[part] += size
-  return out
-
-
-def stage_step_flops(cfg: VLMConfig, train: str, batch: int, seq: int) -> dict[str, float]:
-  """Model FLOPs of one train step of a stage.
-
-  `bench.config.train_step_flops` counts 6 x W x T for every decoder, lm_head and
-  projector weight (forward, input gradient, weight gradient). A frozen weight needs no
-  weight gradient (2 x W x T less); the input gradient still flows through the frozen
-  decoder whenever something below it trains. A frozen projector has nothing trainable
-  below it (the vision tower is frozen), so it runs forward only (4 x W x T_img less).
-  Slight overcount in stage 3 ("moe_layers"): the backward of layer 0's attention, which
-  nothing trainable lies below, is kept (< 1% of the step).
-  """
-  full = train_step_flops(cfg, batch, seq)
-  frozen = frozen_matmul_weights(cfg, stages_lib.trainable_fn(train))
-  tokens, image_tokens = batch * seq, batch * cfg.num_image_tokens
-  skipped = 2.0 * frozen["llm"] * tokens + 4.0 * frozen["projector"] * image_tokens
-  return {"all_trained": full["total"], "skipped_for_frozen": skipped,
-          "model": full["total"] - skipped}
+def stage_step_flops(cfg: VLMConfig, train: str, batch: int, seq: int) -> float:
+  """Model FLOPs of one train step of a stage that trains `train` (a stage preset), on
+  TPU: `moe_vlm.cost.train_step_flops`, the LM head on every position."""
+  return cost.train_step_flops(cfg, train, batch, seq, backend="tpu")["model"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +78,8 @@ class StageCost:
 
 
 def stage_cost(flops_per_step: float, steps: int, topology: topologies.Topology,
-               mfu: float, chips: Mapping[str, Chip] = CHIPS) -> tuple[float, float]:
+               mfu: float, chips: Mapping[str, cost.Chip] = cost.CHIPS
+               ) -> tuple[float, float]:
   """(hours, USD) of `steps` steps on a slice at the given MFU."""
   if not 0 < mfu <= 1:
     raise ValueError(f"mfu={mfu}: expected a fraction in (0, 1]")
@@ -180,7 +90,7 @@ def stage_cost(flops_per_step: float, steps: int, topology: topologies.Topology,
 
 def estimate(variants: Sequence[str] = tuple(moe_llava.VARIANTS),
              topology_names: Sequence[str] = tuple(topologies.TOPOLOGIES),
-             mfu: float = DEFAULT_MFU, chips: Mapping[str, Chip] = CHIPS,
+             mfu: float = DEFAULT_MFU, chips: Mapping[str, cost.Chip] = cost.CHIPS,
              samples: Mapping[int, int] = PAPER_SAMPLES) -> list[StageCost]:
   rows = []
   for variant in variants:
@@ -189,12 +99,12 @@ def estimate(variants: Sequence[str] = tuple(moe_llava.VARIANTS),
       s = c.stages[f"stage{k}"]
       steps = max(1, s.epochs * samples[k] // s.batch_size)
       fl = stage_step_flops(stage_model_config(variant, k), s.train, s.batch_size,
-                            c.data.max_length)["model"]
+                            c.data.max_length)
       for name in topology_names:
         t = topologies.get(name)
-        hours, cost = stage_cost(fl, steps, t, mfu, chips)
+        hours, usd = stage_cost(fl, steps, t, mfu, chips)
         rows.append(StageCost(variant, k, steps, s.batch_size, fl, t.name, t.chips, hours,
-                              cost))
+                              usd))
   return rows
 
 
@@ -224,9 +134,9 @@ def _prices(text: str) -> dict[str, float]:
   out = {}
   for item in text.split(","):
     gen, _, value = item.partition("=")
-    if gen not in CHIPS or not value:
+    if gen not in cost.CHIPS or not value:
       raise argparse.ArgumentTypeError(f"--price {item!r}: expected GEN=USD with GEN one "
-                                       f"of {', '.join(CHIPS)}")
+                                       f"of {', '.join(cost.CHIPS)}")
     out[gen] = float(value)
   return out
 
@@ -253,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   except KeyError as e:
     p.error(str(e.args[0]))
   chips = {g: dataclasses.replace(c, price_per_chip_hour=a.price.get(g, c.price_per_chip_hour))
-           for g, c in CHIPS.items()}
+           for g, c in cost.CHIPS.items()}
   rows = estimate(variants, names, a.mfu, chips)
   out(f"# assumed: MFU {a.mfu:.0%} of peak bf16; " + "; ".join(
       f"{g} {c.peak_flops / 1e12:.0f} TFLOP/s ${c.price_per_chip_hour:.2f}/chip-hour"
