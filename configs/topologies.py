@@ -9,6 +9,9 @@ plus the micro-batch each chip should see. `launch/train.sh` turns a preset into
   python3 configs/topologies.py memory v5e-16 --model phi2  # rough GiB per chip and stage
   python3 configs/topologies.py list
 
+`list`, `flags` and `shell` need plain Python only; `memory` builds the model's abstract
+parameter tree, so it needs the package's environment (jax, flax).
+
 How the meshes were chosen (MoE-LLaVA: 4 experts, batch 256 / 128 / 128, length 2048):
 * the batch is split over data x fsdp x expert (`moe_vlm/parallel/mesh.py`), so those
   ways must divide 128: on 256 chips the model axis takes the remaining factor 2;
@@ -19,20 +22,26 @@ How the meshes were chosen (MoE-LLaVA: 4 experts, batch 256 / 128 / 128, length 
 * `per_chip_batch` bounds activations; larger stage batches use gradient accumulation.
 Names follow the accelerator types: v5e-N is `v5litepod-N`; v4-N and v5p-N count
 TensorCores (2 per chip), so v4-32 has 16 chips and v5p-128 has 64.
-`estimate_memory` is a back-of-envelope formula; `moe_vlm.train.preflight` compiles the
-real step and reads XLA's numbers.
+`estimate_memory` is the back-of-envelope formula of the package's cost model
+(`moe_vlm.cost.memory_per_device`, which also holds the chips' HBM);
+`moe_vlm.train.preflight` compiles the real step and reads XLA's numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import os
 import shlex
 import sys
 from typing import Optional, Sequence
 
-GiB = 1024 ** 3
+if not __package__:  # run as a script, or imported as `topologies` from configs/
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moe_vlm import cost  # noqa: E402  (no jax: only `memory` needs it)
+
+GiB = cost.GiB
 MESH_AXES = ("data", "fsdp", "model", "expert")
 # The MoE-LLaVA paper's global batch per stage (configs/moe_llava.py).
 MOE_LLAVA_BATCH = {1: 256, 2: 128, 3: 128}
@@ -46,7 +55,6 @@ class Topology:
   accelerator_type: str  # what gcloud's --accelerator-type takes
   chips: int             # JAX devices (one per chip; v4/v5p megacore)
   hosts: int             # TPU VM workers = JAX processes
-  hbm_gib: float         # HBM per chip
   physical: str          # the slice's chip grid
   mesh: dict             # data / fsdp / model / expert
   per_chip_batch: int    # sequences of 2048 tokens per chip per micro-batch
@@ -60,23 +68,28 @@ class Topology:
     return RUNTIME_VERSIONS[self.generation]
 
   @property
+  def hbm_gib(self) -> float:
+    """HBM per chip (`moe_vlm.cost.CHIPS`)."""
+    return cost.CHIPS[self.generation].hbm_gib
+
+  @property
   def batch_ways(self) -> int:
     return self.mesh["data"] * self.mesh["fsdp"] * self.mesh["expert"]
 
 
-def _t(name, accel, chips, hosts, hbm, physical, data, fsdp, model, expert, per_chip):
-  return Topology(name, accel, chips, hosts, hbm, physical,
+def _t(name, accel, chips, hosts, physical, data, fsdp, model, expert, per_chip):
+  return Topology(name, accel, chips, hosts, physical,
                   dict(data=data, fsdp=fsdp, model=model, expert=expert), per_chip)
 
 
 TOPOLOGIES = {t.name: t for t in (
-    #   name       accelerator      chips hosts HBM  grid     data fsdp model expert batch
-    _t("v4-8", "v4-8", 4, 1, 32, "2x2x1", 1, 4, 1, 1, 4),
-    _t("v4-32", "v4-32", 16, 4, 32, "2x2x4", 1, 4, 1, 4, 4),
-    _t("v5e-16", "v5litepod-16", 16, 4, 16, "4x4", 1, 16, 1, 1, 2),
-    _t("v5e-64", "v5litepod-64", 64, 16, 16, "8x8", 1, 16, 1, 4, 2),
-    _t("v5e-256", "v5litepod-256", 256, 64, 16, "16x16", 1, 32, 2, 4, 1),
-    _t("v5p-128", "v5p-128", 64, 16, 95, "4x4x4", 4, 4, 1, 4, 4),
+    #   name       accelerator      chips hosts grid     data fsdp model expert batch
+    _t("v4-8", "v4-8", 4, 1, "2x2x1", 1, 4, 1, 1, 4),
+    _t("v4-32", "v4-32", 16, 4, "2x2x4", 1, 4, 1, 4, 4),
+    _t("v5e-16", "v5litepod-16", 16, 4, "4x4", 1, 16, 1, 1, 2),
+    _t("v5e-64", "v5litepod-64", 64, 16, "8x8", 1, 16, 1, 4, 2),
+    _t("v5e-256", "v5litepod-256", 256, 64, "16x16", 1, 32, 2, 4, 1),
+    _t("v5p-128", "v5p-128", 64, 16, "4x4x4", 4, 4, 1, 4, 4),
 )}
 
 
@@ -130,78 +143,20 @@ def config_overrides(topology: Topology,
 # ----------------------------------------------------------------- memory estimate
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelDims:
-  """What the memory formula needs of a MoE-LLaVA variant (from the HF config.json)."""
-  vocab: int
-  hidden: int
-  intermediate: int
-  layers: int
-  heads: int
-  ffn_mats: int         # 3 gated (Llama, Qwen, StableLM), 2 plain (Phi)
-  vision_hidden: int
-  vision_intermediate: int
-  vision_layers: int
-
-
-_CLIP_L = dict(vision_hidden=1024, vision_intermediate=4096, vision_layers=24)
-_SIGLIP = dict(vision_hidden=1152, vision_intermediate=4304, vision_layers=27)
-MODELS = {
-    "stablelm": ModelDims(100352, 2048, 5632, 24, 32, 3, **_CLIP_L),
-    "qwen": ModelDims(151936, 2048, 5504, 24, 16, 3, **_CLIP_L),
-    "phi2": ModelDims(51200, 2560, 10240, 32, 32, 2, **_CLIP_L),
-    "phi2_siglip": ModelDims(51200, 2560, 10240, 32, 32, 2, **_SIGLIP),
-}
-
-
-def param_counts(m: ModelDims, num_experts: int = 4) -> dict[str, int]:
-  """Parameter counts: dense LLM (stage 1-2), experts + routers (stage 3), the rest."""
-  ffn = m.ffn_mats * m.hidden * m.intermediate
-  attn = 4 * m.hidden * m.hidden
-  moe_layers = math.ceil(m.layers / 2)  # MoE-LLaVA "sparse": every other layer
-  v = m.vision_hidden
-  return dict(
-      llm=2 * m.vocab * m.hidden + m.layers * (attn + ffn),
-      experts=moe_layers * (num_experts * ffn + m.hidden * num_experts),
-      replaced_ffn=moe_layers * ffn,  # the dense FFNs that become experts in stage 3
-      vision=m.vision_layers * (4 * v * v + 2 * v * m.vision_intermediate),
-      projector=v * m.hidden + m.hidden * m.hidden)
-
-
-def estimate_memory(model: str | ModelDims, topology: str | Topology, stage: int, *,
+def estimate_memory(variant: str, topology: str | Topology, stage: int, *,
                     global_batch: Optional[int] = None, seq_len: int = 2048,
                     num_experts: int = 4, remat: str = "full", param_bytes: int = 4,
                     act_bytes: int = 2) -> dict[str, float]:
-  """Rough GiB per chip: parameters, optimizer (grads + AdamW moments of the trainable
-  part, all fp32), activations of one micro-batch. Non-expert weights are sharded over
-  fsdp x model, experts also over expert; activations count the block inputs that full
-  remat saves, one recomputed block, attention scores and fp32 logits (+ gradients)."""
-  m = MODELS[model] if isinstance(model, str) else model
+  """Rough GiB per chip of a MoE-LLaVA variant's stage on a preset, and the chip's HBM:
+  `moe_vlm.cost.memory_per_device` for the stage's model and trainable set, this
+  preset's mesh and the micro-batch each chip holds."""
   t = get(topology) if isinstance(topology, str) else topology
-  fsdp, tp, ep = t.mesh["fsdp"], t.mesh["model"], t.mesh["expert"]
-  n = param_counts(m, num_experts)
-  if stage == 3:
-    dense = n["llm"] - n["replaced_ffn"] + n["vision"] + n["projector"]
-    experts, trainable_dense, trainable_experts = n["experts"], 0, n["experts"]
-  else:
-    dense, experts = n["llm"] + n["vision"] + n["projector"], 0
-    trainable_dense = n["projector"] + (n["llm"] if stage == 2 else 0)
-    trainable_experts = 0
-  per_chip = lambda dense_n, expert_n: dense_n / (fsdp * tp) + expert_n / (fsdp * tp * ep)
-  params = per_chip(dense, experts) * param_bytes
-  optimizer = per_chip(trainable_dense, trainable_experts) * 3 * param_bytes
+  moe = cost.moe_llava_moe(num_experts) if stage == 3 else None
+  cfg = cost.real_config(variant, moe, remat=remat)
   b = per_chip_batch(t, global_batch or MOE_LLAVA_BATCH[stage])
-  tokens = b * seq_len
-  block = tokens * (4 * m.hidden + m.ffn_mats * m.intermediate / tp) * act_bytes
-  scores = b * (m.heads / tp) * seq_len ** 2 * 4
-  saved = (m.layers * tokens * m.hidden * act_bytes if remat == "full"
-           else m.layers * (3 * block + scores))
-  logits = tokens * m.vocab / tp * 4
-  activations = saved + 2 * (block + scores + logits)
-  total = params + optimizer + activations
-  return {k: v / GiB for k, v in dict(params=params, optimizer=optimizer,
-                                      activations=activations, total=total,
-                                      hbm=t.hbm_gib * GiB).items()}
+  out = cost.memory_per_device(cfg, cost.STAGE_TRAIN[stage], t.mesh, b, seq_len,
+                               bytes_per_param=param_bytes, act_bytes=act_bytes)
+  return {**{k: v / GiB for k, v in out.items()}, "hbm": t.hbm_gib}
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -226,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for q in (f, mem):
     q.add_argument("--batch-sizes", type=_batch_sizes, default=dict(MOE_LLAVA_BATCH),
                    help="global batch of stages 1,2,3 (default 256,128,128)")
-  mem.add_argument("--model", default="phi2", choices=sorted(MODELS))
+  mem.add_argument("--model", default="phi2", choices=sorted(cost.VARIANTS))
   a = p.parse_args(argv)
   try:
     if a.cmd == "list":
@@ -239,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print("\n".join(config_overrides(t, a.batch_sizes)))
     elif a.cmd == "shell":
       values = dict(TOPOLOGY=t.name, ACCELERATOR=t.accelerator_type, CHIPS=t.chips,
-                    HOSTS=t.hosts, HBM_GIB=t.hbm_gib, RUNTIME=t.runtime_version)
+                    HOSTS=t.hosts, HBM_GIB=f"{t.hbm_gib:g}", RUNTIME=t.runtime_version)
       print("\n".join(f"{k}={shlex.quote(str(v))}" for k, v in values.items()))
     else:
       for k, b in sorted(a.batch_sizes.items()):

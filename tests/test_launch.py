@@ -12,6 +12,7 @@ import time
 import pytest
 
 from configs import topologies
+from moe_vlm import cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -315,10 +316,13 @@ def test_topology_presets_fit_the_moe_llava_models():
       micro = topologies.per_chip_batch(t, batch)
       assert 1 <= micro <= t.per_chip_batch
       assert micro * t.batch_ways * topologies.grad_accum(t, batch) == batch
-      for name, dims in topologies.MODELS.items():
-        for size in (dims.hidden, dims.vision_hidden):
+      for name in cost.VARIANTS:
+        cfg = cost.real_config(name)
+        text, vision = cfg.text, cfg.vision
+        for size in (text.hidden_size, vision.hidden_size):
           assert size % m["fsdp"] == 0, (t.name, name, size)
-        for size in (dims.heads, dims.vocab, dims.intermediate, dims.vision_intermediate):
+        for size in (text.num_heads, text.vocab_size, text.intermediate_size,
+                     vision.intermediate_size):
           assert size % m["model"] == 0, (t.name, name, size)
         est = topologies.estimate_memory(name, t, stage)
         assert est["total"] < 0.8 * t.hbm_gib, (t.name, name, stage, est)
@@ -331,12 +335,12 @@ def test_topology_presets_fit_the_moe_llava_models():
 
 
 def test_parameter_counts_match_the_released_models():
-  n = topologies.param_counts(topologies.MODELS["phi2"])
+  n = cost.param_counts(cost.real_config("phi2"))
   assert 2.7e9 < n["llm"] < 2.85e9  # Phi-2: 2.7B
-  moe_llm = n["llm"] - n["replaced_ffn"] + n["experts"]
+  moe_llm = cost.param_counts(cost.real_config("phi2", cost.moe_llava_moe(4)))["llm"]
   assert 5.2e9 < moe_llm < 5.4e9  # MoE-LLaVA-Phi2 (4 experts, every other layer): 5.3B
   assert 0.28e9 < n["vision"] < 0.32e9  # CLIP ViT-L/14: 0.3B
-  assert 1.8e9 < topologies.param_counts(topologies.MODELS["qwen"])["llm"] < 1.9e9
+  assert 1.8e9 < cost.param_counts(cost.real_config("qwen"))["llm"] < 1.9e9
 
 
 def test_topologies_command_line():
