@@ -19,7 +19,7 @@ MoE: 4 experts, top-2, every other layer, capacity 1.5 (eval 2.0), aux coef 0.01
 The data file names are the MoE-LLaVA release's; override `stages.stageK.data`.
 """
 
-import ml_collections
+from moe_vlm import schema
 
 HEAD_FRACTION = 0.5  # answers: well under half of a 2048-token row (576 are image tokens)
 
@@ -39,55 +39,43 @@ STAGE3_DATA = "train_json/llava_image_tune_.json,train_json/nlp_tune.json"
 
 
 def stage(train, data, template, *, batch_size, lr):
-  return ml_collections.ConfigDict(dict(
-      train=train, extra_modules=(), data=data, template=template, batch_size=batch_size,
-      steps=0, epochs=1, learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0,
-      grad_accum=1, clip_norm=1.0,
-      # The LM head runs on this fraction of each row's positions, gathered where the
-      # loss targets are (0: all positions). Rows with more targets take the full head
-      # (the metric head_full), so it never changes the loss - only the step's cost.
-      head_fraction=HEAD_FRACTION))
+  return dict(train=train, data=data, template=template, batch_size=batch_size,
+              steps=0, epochs=1, learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0,
+              head_fraction=HEAD_FRACTION)
 
 
 def get_config(variant: str = "phi2"):
   if variant not in VARIANTS:
     raise ValueError(f"configs/moe_llava.py:{variant}: expected one of {sorted(VARIANTS)}")
   template, norm = VARIANTS[variant]
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.variant = variant
-  # Architecture: read from the checkpoints named in `init`; these fields only set
-  # execution details (dtype, remat) and the LLaVA wiring.
-  c.model = ml_collections.ConfigDict(dict(
-      vision=dict(dtype="bfloat16"),
-      text=dict(dtype="bfloat16", remat="full"),
-      projector="mlp2x_gelu", vision_feature_layer=-2,
-      vision_feature_select_strategy="default"))
-  c.moe = ml_collections.ConfigDict(dict(
-      num_experts=4, top_k=2, moe_mode="sparse", moe_layers_idx=None, dispatch="capacity",
-      capacity_factor=1.5, eval_capacity_factor=2.0, min_capacity=0,
-      # DeepSpeed routes each GPU's micro-batch (4 sequences) on its own.
-      group_size=4, renormalize=True, aux_loss_coef=0.01, z_loss_coef=0.0))
-  c.init = ml_collections.ConfigDict(dict(
-      hf_vision="/ckpt/" + ("siglip-so400m-patch14-384" if norm == "siglip"
-                            else "clip-vit-large-patch14-336"),
-      hf_llm="/ckpt/" + {"stablelm": "stablelm-2-1_6b", "qwen": "Qwen1.5-1.8B",
-                         "phi2": "phi-2", "phi2_siglip": "phi-2"}[variant],
-      hf_llava=""))
-  c.data = ml_collections.ConfigDict(dict(
-      kind="llava_json", dir="/data/moe-llava", image_root="", tokenizer="",
-      num_images=0, image_size=0, max_length=2048, normalization=norm,
-      worker_count=16, max_bad_fraction=0.01, eval_file="", pope_file=""))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
-  c.stages = ml_collections.ConfigDict(dict(
-      stage1=stage("projector", "train_json/llava_image_.json", "plain", batch_size=256,
-                   lr=1e-3),
-      stage2=stage("projector_llm", STAGE2_DATA, template, batch_size=128, lr=2e-5),
-      # "moe_llava_code" trains what the reference code really does (all FFNs + projector).
-      stage3=stage("moe_layers", STAGE3_DATA, template, batch_size=128, lr=2e-5),
-  ))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
-  c.log_every = 10
-  c.eval = ml_collections.ConfigDict(dict(batch_size=64, max_new_tokens=16, max_examples=0,
-                                          run_after_training=False))
-  return c
+  return schema.block(
+      schema.ExperimentConfig,
+      seed=0,
+      variant=variant,
+      # Architecture: read from the checkpoints named in `init`; these fields only set
+      # execution details (dtype, remat) and the LLaVA wiring.
+      model=dict(vision=dict(dtype="bfloat16"), text=dict(dtype="bfloat16", remat="full"),
+                 projector="mlp2x_gelu", vision_feature_layer=-2,
+                 vision_feature_select_strategy="default"),
+      # DeepSpeed routes each GPU's micro-batch (4 sequences) on its own: group_size=4.
+      moe=dict(num_experts=4, top_k=2, moe_mode="sparse", dispatch="capacity",
+               capacity_factor=1.5, eval_capacity_factor=2.0, min_capacity=0, group_size=4,
+               renormalize=True, aux_loss_coef=0.01),
+      init=dict(
+          hf_vision="/ckpt/" + ("siglip-so400m-patch14-384" if norm == "siglip"
+                                else "clip-vit-large-patch14-336"),
+          hf_llm="/ckpt/" + {"stablelm": "stablelm-2-1_6b", "qwen": "Qwen1.5-1.8B",
+                             "phi2": "phi-2", "phi2_siglip": "phi-2"}[variant]),
+      data=dict(kind="llava_json", dir="/data/moe-llava", max_length=2048,
+                normalization=norm, worker_count=16, max_bad_fraction=0.01),
+      mesh=dict(data=-1, fsdp=1, model=1, expert=1),
+      stages=dict(
+          stage1=stage("projector", "train_json/llava_image_.json", "plain", batch_size=256,
+                       lr=1e-3),
+          stage2=stage("projector_llm", STAGE2_DATA, template, batch_size=128, lr=2e-5),
+          # "moe_llava_code" trains what the reference code really does (all FFNs +
+          # projector).
+          stage3=stage("moe_layers", STAGE3_DATA, template, batch_size=128, lr=2e-5)),
+      checkpoint=dict(every_steps=500, keep=3, async_save=True),
+      log_every=10,
+      eval=dict(batch_size=64, max_new_tokens=16, max_examples=0, run_after_training=False))

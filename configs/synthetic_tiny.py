@@ -10,59 +10,46 @@ step counts and learning rates scaled to the tiny model.
   moe-vlm train --config configs/synthetic_tiny.py --workdir /tmp/moe_vlm_demo
 """
 
-import ml_collections
+from moe_vlm import schema
 
 HEAD_FRACTION = 0.25  # answers are at most 31 of 128 positions in the generated data
 
 
 def stage(train, data, template, *, steps, lr, batch_size=32, warmup_ratio=0.03,
           weight_decay=0.0):
-  return ml_collections.ConfigDict(dict(
-      train=train,             # preset: projector | projector_llm | moe_layers | moe_llava_code
-      extra_modules=(),        # extra parameter-name substrings to train
-      data=data, template=template, batch_size=batch_size, steps=steps, epochs=0,
-      learning_rate=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-      grad_accum=1, clip_norm=1.0,
-      # The LM head runs on this fraction of each row's positions, gathered where the
-      # loss targets are (0: all positions). Rows with more targets take the full head
-      # (the metric head_full), so it never changes the loss - only the step's cost.
-      head_fraction=HEAD_FRACTION))
+  return dict(train=train, data=data, template=template, batch_size=batch_size,
+              steps=steps, epochs=0, learning_rate=lr, warmup_ratio=warmup_ratio,
+              weight_decay=weight_decay, head_fraction=HEAD_FRACTION)
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(
-      vision=dict(variant="clip", image_size=32, patch_size=8, hidden_size=64,
-                  intermediate_size=128, num_layers=3, num_heads=4, activation="quick_gelu"),
-      # vocab_size 0: the tokenizer's size rounded up to a multiple of 64.
-      text=dict(family="llama", vocab_size=0, hidden_size=128, intermediate_size=256,
-                num_layers=4, num_heads=4, num_kv_heads=2, norm="rms", norm_eps=1e-6,
-                mlp="gated", activation="silu", rope_theta=10000.0, remat="none",
-                dtype="float32"),
-      projector="mlp2x_gelu", vision_feature_layer=-2,
-      vision_feature_select_strategy="default"))
-  # Stage 3's MoE (MoE-LLaVA defaults: 4 experts, top-2, every other layer, capacity 1.5).
-  c.moe = ml_collections.ConfigDict(dict(
-      num_experts=4, top_k=2, moe_mode="sparse", moe_layers_idx=None, dispatch="capacity",
-      capacity_factor=1.5, eval_capacity_factor=2.0, min_capacity=0, group_size=None,
-      renormalize=True, aux_loss_coef=0.01, z_loss_coef=0.0))
-  # Pretrained weights (local HF directories, safetensors); empty = random init.
-  c.init = ml_collections.ConfigDict(dict(hf_vision="", hf_llm="", hf_llava=""))
-  c.data = ml_collections.ConfigDict(dict(
-      kind="synthetic",        # synthetic: generated into <workdir>/data when missing
-      dir="",                  # LLaVA JSON files + images; default <workdir>/data
-      tokenizer="",            # default <data dir>/tokenizer (trained for synthetic)
-      num_images=1500, image_size=32, max_length=128, normalization="clip",
-      worker_count=0, max_bad_fraction=0.05, eval_file="eval.json", pope_file="pope.json"))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, expert=1))
-  c.stages = ml_collections.ConfigDict(dict(
-      stage1=stage("projector", "stage1.json", "plain", steps=150, lr=1e-3),
-      stage2=stage("projector_llm", "stage2.json", "phi", steps=900, lr=1e-3),
-      stage3=stage("moe_layers", "stage3.json", "phi", steps=300, lr=5e-4),
-  ))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=2, async_save=True))
-  c.log_every = 25
-  c.eval = ml_collections.ConfigDict(dict(batch_size=64, max_new_tokens=4, max_examples=0,
-                                          run_after_training=True))
-  return c
+  # Every field of every block exists (moe_vlm/schema.py); these are the ones that
+  # differ from the schema's defaults.
+  return schema.block(
+      schema.ExperimentConfig,
+      seed=0,
+      model=dict(
+          vision=dict(variant="clip", image_size=32, patch_size=8, hidden_size=64,
+                      intermediate_size=128, num_layers=3, num_heads=4,
+                      activation="quick_gelu"),
+          # vocab_size 0: the tokenizer's size rounded up to a multiple of 64.
+          text=dict(family="llama", vocab_size=0, hidden_size=128, intermediate_size=256,
+                    num_layers=4, num_heads=4, num_kv_heads=2, norm="rms", norm_eps=1e-6,
+                    mlp="gated", activation="silu", rope_theta=10000.0),
+          projector="mlp2x_gelu", vision_feature_layer=-2,
+          vision_feature_select_strategy="default"),
+      # Stage 3's MoE (MoE-LLaVA defaults: 4 experts, top-2, every other layer,
+      # capacity 1.5).
+      moe=dict(num_experts=4, top_k=2, moe_mode="sparse", dispatch="capacity",
+               capacity_factor=1.5, eval_capacity_factor=2.0),
+      data=dict(kind="synthetic",  # generated into <workdir>/data when missing
+                num_images=1500, image_size=32, max_length=128, normalization="clip",
+                max_bad_fraction=0.05, eval_file="eval.json", pope_file="pope.json"),
+      mesh=dict(data=-1, fsdp=1, model=1, expert=1),
+      stages=dict(
+          stage1=stage("projector", "stage1.json", "plain", steps=150, lr=1e-3),
+          stage2=stage("projector_llm", "stage2.json", "phi", steps=900, lr=1e-3),
+          stage3=stage("moe_layers", "stage3.json", "phi", steps=300, lr=5e-4)),
+      checkpoint=dict(every_steps=100, keep=2, async_save=True),
+      log_every=25,
+      eval=dict(batch_size=64, max_new_tokens=4, max_examples=0, run_after_training=True))

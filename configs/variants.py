@@ -18,6 +18,8 @@ Each variant is `configs/synthetic_tiny.py` with one change:
 import ml_collections
 
 from configs import synthetic_tiny
+from moe_vlm import schema
+from moe_vlm.models import config as model_config
 
 VARIANTS = ("moe_llava", "awaker", "hyperllava", "perceiver")
 # Stages each variant trains (HyperLLaVA has no MoE stage).
@@ -35,18 +37,19 @@ def get_config(variant: str = "moe_llava") -> ml_collections.ConfigDict:
     c.stage3_kind = "lora"
     # The paper: 4 task experts + 1 global, top-1, r=256/alpha=512 on a 7B model; the
     # rank is scaled to the 128-wide demo LLM (alpha/r = 2 as in the paper).
-    c.lora_moe = ml_collections.ConfigDict(dict(
-        num_experts=4, top_k=1, rank=16, alpha=32.0, targets=("mlp", "attn_out"),
-        routing="instance", shared_expert=True, temperature=1.0, noise_std=0.1))
+    c.lora_moe = schema.block(
+        model_config.LoRAMoEConfig, num_experts=4, top_k=1, rank=16, alpha=32.0,
+        targets=("mlp", "attn_out"), routing="instance", shared_expert=True,
+        temperature=1.0, noise_std=0.1)
     c.stages.stage3.train = "lora_experts"
     c.stages.stage3.learning_rate = 1e-3
   elif variant == "hyperllava":
     # The paper's best sizes: expert input 64, bottleneck 16.
-    c.model.visual_expert = ml_collections.ConfigDict(dict(expert_dim=64, bottleneck=16))
-    c.model.text.language_expert = ml_collections.ConfigDict(dict(expert_dim=64,
-                                                                  bottleneck=16))
+    expert = schema.block(model_config.HyperExpertConfig, expert_dim=64, bottleneck=16)
+    c.model.visual_expert = expert
+    c.model.text.language_expert = ml_collections.ConfigDict(expert)
   elif variant == "perceiver":
     c.model.projector = "perceiver"
-    c.model.perceiver = ml_collections.ConfigDict(dict(
-        n_latents=8, depth=3, num_heads=4, head_dim=32, num_kv_heads=2))
+    c.model.perceiver = schema.block(model_config.PerceiverConfig, n_latents=8, depth=3,
+                                     num_heads=4, head_dim=32, num_kv_heads=2)
   return c

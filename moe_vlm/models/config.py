@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from typing import Any, Literal, Mapping, Optional
-
-import jax.numpy as jnp
 
 
 class ConfigError(ValueError):
@@ -479,14 +478,13 @@ def check_activation(name: str, field: str) -> None:
     raise ConfigError(f"{field}={name!r}: expected one of {', '.join(_ACTIVATIONS)}")
 
 
-def dtype_of(name: str) -> jnp.dtype:
-  return jnp.dtype(name)
-
-
 def from_dict(cls: type, d: Mapping[str, Any], field: str = "") -> Any:
   """A config dataclass from plain data (JSON, ml_collections): nested configs are
-  rebuilt by their type hints and lists become tuples; unknown keys are an error."""
+  rebuilt by their type hints, lists become tuples, and a value of the wrong type or an
+  unknown key is an error that names the field."""
   hints = typing.get_type_hints(cls)
+  if not hasattr(d, "keys"):
+    raise ConfigError(f"{field or cls.__name__}: expected a block of fields, got {d!r}")
   d = dict(d)
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - names)
@@ -496,13 +494,52 @@ def from_dict(cls: type, d: Mapping[str, Any], field: str = "") -> Any:
   return cls(**{k: _coerce(hints[k], v, f"{field}.{k}" if field else k) for k, v in d.items()})
 
 
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
 def _coerce(tp: Any, value: Any, field: str) -> Any:
+  """`value` checked against the type hint `tp` (and converted where JSON / the command
+  line spell it differently: lists for tuples, ints for floats)."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    tp = next(a for a in args if a is not type(None))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if tp is Any:
+    return value
   if value is None:
-    return None
-  if typing.get_origin(tp) in (typing.Union, types.UnionType):
-    tp = next(a for a in typing.get_args(tp) if a is not type(None))
-  if dataclasses.is_dataclass(tp) and hasattr(value, "keys"):  # dict or ConfigDict
+    raise ConfigError(f"{field}: expected {_type_name(tp)}, got None")
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(f"{field}={value!r}: expected one of {', '.join(map(repr, args))}")
+    return value
+  if dataclasses.is_dataclass(tp):
+    if not hasattr(value, "keys"):  # dict or ConfigDict
+      raise ConfigError(f"{field}: expected a block of {tp.__name__} fields, got {value!r}")
     return from_dict(tp, value, field)
-  if typing.get_origin(tp) is tuple and isinstance(value, (list, tuple)):
-    return tuple(value)
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{field}={value!r}: expected a tuple")
+    item = args[0] if args else Any
+    return tuple(_coerce(item, v, f"{field}[{i}]") for i, v in enumerate(value))
+  if origin is dict:
+    if not hasattr(value, "keys"):
+      raise ConfigError(f"{field}={value!r}: expected a mapping")
+    return {k: _coerce(args[1], v, f"{field}.{k}") for k, v in value.items()}
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{field}={value!r}: expected true or false")
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      raise ConfigError(f"{field}={value!r}: expected an integer")
+    return int(value)
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      raise ConfigError(f"{field}={value!r}: expected a number")
+    return float(value)
+  if tp is str and not isinstance(value, str):
+    raise ConfigError(f"{field}={value!r}: expected a string")
   return value

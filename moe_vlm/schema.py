@@ -1,0 +1,278 @@
+"""The experiment config schema: one frozen dataclass per block of an experiment file.
+
+Experiment files (`configs/*.py`) are ml_collections ConfigDicts, so any field can be
+set on the command line (`--config.moe.ep_impl=shard_map`). They are built from these
+dataclasses with `config_dict`, so every field of the model's own configs
+(`MoEConfig`, `TextConfig`, `VisionConfig`, ...) and of the stage settings exists in
+the ConfigDict with its type, even where the file keeps the default. `parse` reads a
+ConfigDict (or the `config.json` a run wrote) back into the dataclasses: an unknown
+name, a value of the wrong type or out of range is an error that names the field,
+before anything is computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Mapping, Optional
+
+import ml_collections
+from ml_collections import config_dict as config_dict_lib
+
+from moe_vlm.data.templates import TEMPLATES
+from moe_vlm.models.config import (ConfigError, HyperExpertConfig, LoRAMoEConfig, MoEConfig,
+                                   PerceiverConfig, TextConfig, VisionConfig, from_dict)
+
+STAGES = (1, 2, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+  """One MoE-Tuning stage: what it trains, on what data, for how long, how fast."""
+
+  train: str = "projector"          # a preset of moe_vlm.train.stages (checked there)
+  extra_modules: tuple[str, ...] = ()  # extra parameter-name substrings to train
+  data: str = ""                    # comma-separated LLaVA JSON files (or tfds name:split)
+  template: str = "plain"
+  batch_size: int = 32              # global, over all processes
+  steps: int = 0                    # 0: `epochs` passes over the data instead
+  epochs: int = 1
+  learning_rate: float = 1e-3
+  warmup_ratio: float = 0.03
+  weight_decay: float = 0.0
+  grad_accum: int = 1
+  clip_norm: float = 1.0            # 0: no clipping
+  # The LM head runs on this fraction of each row's positions, gathered where the loss
+  # targets are (0: all positions). Rows with more targets take the full head (the
+  # metric head_full), so it never changes the loss - only the step's cost.
+  head_fraction: float = 0.0
+
+  def validate(self, field: str) -> None:
+    if self.template not in TEMPLATES:
+      raise ConfigError(f"{field}.template={self.template!r}: expected one of {TEMPLATES}")
+    _at_least(field, self, batch_size=1, grad_accum=1, steps=0, epochs=0)
+    if self.steps == 0 and self.epochs == 0:
+      raise ConfigError(f"{field}: steps=0 and epochs=0 train nothing; set one of them")
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(f"{field}.batch_size={self.batch_size} is not divisible by "
+                        f"{field}.grad_accum={self.grad_accum}")
+    if not self.learning_rate > 0:
+      raise ConfigError(f"{field}.learning_rate={self.learning_rate}: expected > 0")
+    if not 0 <= self.warmup_ratio <= 1:
+      raise ConfigError(f"{field}.warmup_ratio={self.warmup_ratio}: expected 0..1")
+    if self.weight_decay < 0 or self.clip_norm < 0:
+      raise ConfigError(f"{field}: weight_decay={self.weight_decay} and "
+                        f"clip_norm={self.clip_norm} must be >= 0")
+    if not 0 <= self.head_fraction <= 1:
+      raise ConfigError(f"{field}.head_fraction={self.head_fraction}: expected 0..1")
+
+
+@dataclasses.dataclass(frozen=True)
+class StagesSettings:
+  stage1: StageSettings = StageSettings(train="projector")
+  stage2: StageSettings = StageSettings(train="projector_llm")
+  stage3: StageSettings = StageSettings(train="moe_layers")
+
+  def get(self, k: int) -> StageSettings:
+    return getattr(self, f"stage{k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  """The VLM around the decoder. `text` is a TextConfig without `moe` / `lora_moe`
+  (those are the experiment's `moe` and `lora_moe` blocks, added in stage 3). With
+  `init.hf_vision` / `init.hf_llm`, the architecture fields of `vision` / `text` come
+  from the checkpoint and only the execution fields (`EXECUTION_FIELDS`) are read."""
+
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  projector: Literal["linear", "mlp2x_gelu", "perceiver"] = "mlp2x_gelu"
+  vision_feature_layer: int = -2
+  vision_feature_select_strategy: Literal["default", "full"] = "default"
+  perceiver: Optional[PerceiverConfig] = None
+  visual_expert: Optional[HyperExpertConfig] = None
+
+
+# TextConfig / VisionConfig fields that say how to run the model, not what it is: they
+# apply to checkpoint-defined architectures too.
+EXECUTION_FIELDS = {
+    "text": ("dtype", "param_dtype", "remat", "attention_causal_blocks", "language_expert"),
+    "vision": ("dtype", "param_dtype"),
+}
+# Blocks of the experiment that live elsewhere in the model config.
+_TEXT_EXCLUDED = ("moe", "lora_moe")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSettings:
+  """Pretrained starting points: local HF directories (config.json + safetensors)."""
+
+  hf_vision: str = ""
+  hf_llm: str = ""
+  hf_llava: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  kind: Literal["synthetic", "llava_json", "tfds"] = "synthetic"
+  dir: str = ""              # LLaVA JSON files + images; default <workdir>/data
+  image_root: str = ""       # images' root if not `dir`
+  tokenizer: str = ""        # default: init.hf_llm, else <data dir>/tokenizer
+  num_images: int = 1500     # synthetic only
+  image_size: int = 32       # synthetic only
+  max_length: int = 2048
+  normalization: Literal["clip", "siglip"] = "clip"
+  add_bos: bool = False
+  worker_count: int = 0
+  max_bad_fraction: float = 0.05
+  eval_file: str = ""
+  pope_file: str = ""
+
+  def validate(self) -> None:
+    _at_least("data", self, max_length=2, worker_count=0)
+    if self.kind == "synthetic":
+      _at_least("data", self, num_images=1, image_size=8)
+    if not 0 <= self.max_bad_fraction <= 1:
+      raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction}: expected 0..1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DcnSettings:
+  """How the process grid splits over the mesh axes (MaxText's dcn_*_parallelism): all 1
+  lets `jax.make_mesh` order the devices; otherwise each axis is this many groups of
+  whole processes times what stays inside a process, and the product of these must be
+  the process count."""
+
+  data: int = 1
+  fsdp: int = 1
+  model: int = 1
+  expert: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  """Device mesh sizes; one axis may be -1 (all remaining devices)."""
+
+  data: int = -1
+  fsdp: int = 1
+  model: int = 1
+  expert: int = 1
+  dcn: DcnSettings = DcnSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  every_steps: int = 500
+  keep: int = 2
+  async_save: bool = True
+
+  def validate(self) -> None:
+    _at_least("checkpoint", self, every_steps=1, keep=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  batch_size: int = 64
+  max_new_tokens: int = 16
+  max_examples: int = 0           # 0: all
+  run_after_training: bool = False
+  routing_plots: bool = True
+
+  def validate(self) -> None:
+    _at_least("eval", self, batch_size=1, max_new_tokens=1, max_examples=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A whole experiment: model, the three stages, data, mesh, checkpoints, evaluation."""
+
+  seed: int = 0
+  variant: str = ""
+  model: ModelSettings = ModelSettings()
+  # Stage 3's MoE (MoE-LLaVA upcycling) or Awaker's LoRA experts (`stage3_kind="lora"`).
+  moe: MoEConfig = MoEConfig()
+  stage3_kind: Literal["moe", "lora"] = "moe"
+  lora_moe: Optional[LoRAMoEConfig] = None
+  init: InitSettings = InitSettings()
+  data: DataSettings = DataSettings()
+  mesh: MeshSettings = MeshSettings()
+  stages: StagesSettings = StagesSettings()
+  checkpoint: CheckpointSettings = CheckpointSettings()
+  log_every: int = 25
+  eval: EvalSettings = EvalSettings()
+
+  def validate(self) -> None:
+    """Checks that need no tokenizer, checkpoint or device (see `Experiment.validate`
+    for the rest)."""
+    for k in STAGES:
+      self.stages.get(k).validate(f"stages.stage{k}")
+    self.data.validate()
+    self.checkpoint.validate()
+    self.eval.validate()
+    _at_least("", self, log_every=1)
+    if self.stage3_kind == "lora" and self.lora_moe is None:
+      raise ConfigError("stage3_kind='lora' needs a lora_moe block")
+    for name in _TEXT_EXCLUDED:
+      if getattr(self.model.text, name) is not None:
+        raise ConfigError(f"model.text.{name}: set the experiment's `{name}` block instead")
+
+
+def _at_least(block: str, obj: Any, **bounds: int) -> None:
+  for name, low in bounds.items():
+    value = getattr(obj, name)
+    if value < low:
+      where = f"{block}.{name}" if block else name
+      raise ConfigError(f"{where}={value}: expected >= {low}")
+
+
+# ------------------------------------------------------------- dataclass <-> ConfigDict
+
+
+def parse(c: Mapping[str, Any] | ml_collections.ConfigDict) -> ExperimentConfig:
+  """The typed, validated experiment; raises ConfigError naming the bad field."""
+  cfg = from_dict(ExperimentConfig, _plain(c))
+  cfg.validate()
+  return cfg
+
+
+def _plain(c: Any) -> Any:
+  if isinstance(c, ml_collections.ConfigDict):
+    return {k: _plain(v) for k, v in c.items()}
+  if isinstance(c, Mapping):
+    return {k: _plain(v) for k, v in c.items()}
+  return c
+
+
+def config_dict(obj: Any) -> ml_collections.ConfigDict:
+  """The ConfigDict of a schema dataclass, every field present: an unset optional
+  scalar becomes a typed placeholder, so the command line can still set it."""
+  hints = typing.get_type_hints(type(obj))
+  out = {}
+  for f in dataclasses.fields(obj):
+    if isinstance(obj, TextConfig) and f.name in _TEXT_EXCLUDED:
+      continue
+    value = getattr(obj, f.name)
+    if dataclasses.is_dataclass(value):
+      out[f.name] = config_dict(value)
+    elif value is None:
+      out[f.name] = _placeholder(hints[f.name])
+    else:
+      out[f.name] = value
+  return ml_collections.ConfigDict(out)
+
+
+def _placeholder(tp: Any) -> Any:
+  args = [a for a in typing.get_args(tp) if a is not type(None)]
+  inner = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+  if dataclasses.is_dataclass(inner):
+    return None  # an optional block: a config file sets it whole
+  base = typing.get_origin(inner) or inner
+  if base is Literal:
+    base = type(typing.get_args(inner)[0])
+  return config_dict_lib.placeholder(base)
+
+
+def block(cls: type, **fields: Any) -> ml_collections.ConfigDict:
+  """`config_dict(cls(**fields))`, nested blocks given as mappings."""
+  return config_dict(from_dict(cls, fields, cls.__name__))
