@@ -91,7 +91,6 @@ def train_variant(variant: str, root: str, scale: float, max_examples: int) -> d
   """Trains `variant` under root/<variant> (data shared in root/data); returns its final
   stage's config, preset and evaluation."""
   from moe_vlm.eval import report
-  from moe_vlm.infer.load import load_stage_model
   from moe_vlm.train import loop
 
   c = _scaled(variants_cfg.get_config(variant), scale, max_examples)
@@ -104,11 +103,10 @@ def train_variant(variant: str, root: str, scale: float, max_examples: int) -> d
     for k in (1, 2):  # the same dense model as MoE-LLaVA's: reuse its stages 1-2
       if not os.path.isdir(os.path.join(wd, f"stage{k}")):
         shutil.copytree(os.path.join(base, f"stage{k}"), os.path.join(wd, f"stage{k}"))
-  loop.train(c, wd, stages)
-  data_dir, tokenizer = loop.prepare_data(c, wd)
+  exp = loop.train(c, wd, stages)
   last = max(stages)
-  cfg = loop.stage_model_config(c, loop.model_config(c, tokenizer), last)
-  result = report.evaluate(load_stage_model(wd, last, cfg), cfg, tokenizer, c, data_dir)
+  cfg = exp.model_config(last)
+  result = report.evaluate(exp.load_model(last), cfg, exp.tokenizer, c, exp.data_dir)
   return {"cfg": cfg, "preset": c.stages[f"stage{last}"].train, "stage": last,
           "eval": result, "batch": c.stages[f"stage{last}"].batch_size,
           "length": c.data.max_length}

@@ -128,8 +128,8 @@ def moe_llava_moe(num_experts: int = 4, **kw) -> "MoEConfig":
 def real_config(variant: str, moe: Optional["MoEConfig"] = None, *,
                 layers: Optional[int] = None, vision_layers: Optional[int] = None,
                 dtype: str = "bfloat16", remat: str = "full") -> "VLMConfig":
-  """A MoE-LLaVA variant's VLMConfig through the importer `loop.model_config` uses, with
-  the paper's execution settings (bf16 compute, fp32 params, full remat) and the LLaVA
+  """A MoE-LLaVA variant's VLMConfig through the importer `experiment.model_config` uses,
+  with the paper's execution settings (bf16 compute, fp32 params, full remat) and the LLaVA
   wiring of configs/moe_llava.py (mlp2x_gelu projector, features of layer -2, the first
   token dropped). `layers` / `vision_layers` cut the depth (compile time); everything
   else is the real model."""

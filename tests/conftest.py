@@ -12,3 +12,8 @@ for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiz
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: multi-process runs of the CLI (minutes); "
+                          "`pytest -m 'not slow'` leaves them out")

@@ -8,10 +8,12 @@ from flax import nnx
 
 from bench import variants as bench_variants
 from configs import variants as variants_cfg
+from moe_vlm import experiment
 from moe_vlm.data import tokenizer as tokenizer_lib
 from moe_vlm.models.config import LoRAMoEConfig, MoEConfig
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
+from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.train import loop
 from moe_vlm.train.stages import trainable_fn
 from tests.tiny import LLAMA, vlm_config
@@ -28,9 +30,9 @@ def tokenizer(tmp_path_factory):
 @pytest.mark.parametrize("variant", variants_cfg.VARIANTS)
 def test_variant_configs_build_the_intended_models(variant, tokenizer):
   c = variants_cfg.get_config(variant)
-  dense = loop.model_config(c, tokenizer)
+  dense = experiment.model_config(c, tokenizer)
   last = max(variants_cfg.STAGES[variant])
-  cfg = loop.stage_model_config(c, dense, last)
+  cfg = experiment.stage_model_config(c, dense, last)
   names = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0))).names
   trained = [n for n in names if trainable_fn(c.stages[f"stage{last}"].train)(n)]
   if variant == "hyperllava":
@@ -45,7 +47,7 @@ def test_variant_configs_build_the_intended_models(variant, tokenizer):
     # Stage 3 starts from stage 2's parameters plus fresh LoRA experts.
     dense_params = {n: np.full(s.shape, 0.5, s.dtype) for n, s in ParamCodec.abstract(
         lambda: VLM(dense, rngs=nnx.Rngs(0))).shapes.items()}
-    start = loop.add_new_params(dense_params, cfg, seed=0)
+    start = loop.add_new_params(dense_params, cfg, mesh_lib.make_mesh({"data": -1}), seed=0)
     assert set(start) == set(names)
     assert all(np.array_equal(start[k], v) for k, v in dense_params.items())
   elif variant == "perceiver":
@@ -60,7 +62,7 @@ def test_bad_stage3_kind_is_named():
   c = variants_cfg.get_config("moe_llava")
   c.stage3_kind = "lorra"
   with pytest.raises(ValueError, match="stage3_kind"):
-    loop.stage_model_config(c, vlm_config(LLAMA), 3)
+    experiment.stage_model_config(c, vlm_config(LLAMA), 3)
 
 
 def test_active_parameters_count_top_k_of_the_routed_experts():

@@ -381,22 +381,31 @@ def test_tfds_source(tmp_path, tok, image_id):
   assert out[2]["has_image"] == 0 and out[0]["has_image"] == 1
 
 
-def test_process_sharding_gives_disjoint_covers():
-  for n in (30, 31):
-    shards = []
-    for p in range(3):
-      ds = pipeline.make_pipeline(list(range(n)), None, batch_size=2, seed=7, num_epochs=1,
-                                  process_index=p, process_count=3)
-      shards.append([int(x) for b in ds for x in b])
-    assert all(len(s) == 10 for s in shards)
-    union = set().union(*map(set, shards))
-    assert sum(map(len, shards)) == len(union) == 30  # disjoint, equal-length shards
-    if n == 30:
-      assert union == set(range(30))
-    assert shards[0] != sorted(shards[0])  # shuffled
-  with pytest.raises(ValueError, match="process_index"):
-    pipeline.make_pipeline(list(range(4)), None, batch_size=1, seed=0, process_index=2,
-                           process_count=2)
+def test_processes_load_their_rows_of_the_same_global_batches():
+  """Global batch t holds the same samples for any number of processes; each process
+  loads only its rows of it (here 3 processes of 2 rows, the rows interleaved as a
+  mesh whose batch axis crosses processes can ask)."""
+  whole = [b.tolist() for b in pipeline.make_pipeline(
+      list(range(30)), None, batch_size=6, seed=7, num_epochs=1)]
+  assert len(whole) == 5 and sorted(sum(whole, [])) == list(range(30))
+  assert sum(whole, []) != list(range(30))  # shuffled
+  rows = [(0, 3), (1, 4), (2, 5)]
+  parts = [[b.tolist() for b in pipeline.make_pipeline(
+      list(range(30)), None, batch_size=6, seed=7, num_epochs=1, rows=r)] for r in rows]
+  for t, batch in enumerate(whole):
+    for r, part in zip(rows, parts):
+      assert part[t] == [batch[i] for i in r]
+  seen = []
+
+  def record(x):
+    seen.append(x)
+    return x
+
+  list(pipeline.make_pipeline(list(range(30)), record, batch_size=6, seed=7, num_epochs=1,
+                              rows=(0, 3), read_threads=1))
+  assert sorted(seen) == sorted(x for b in whole for x in (b[0], b[3]))  # nothing else read
+  with pytest.raises(ValueError, match="rows"):
+    pipeline.make_pipeline(list(range(4)), None, batch_size=2, seed=0, rows=(2,))
 
 
 def _take(it, k):

@@ -40,7 +40,7 @@ from gcp_storage_emulator.handlers import objects as emulator_objects  # noqa: E
 
 from configs import synthetic_tiny  # noqa: E402
 from moe_vlm.parallel import mesh as mesh_lib  # noqa: E402
-from moe_vlm.train import checkpoint as ckpt_lib  # noqa: E402
+from moe_vlm import checkpoint as ckpt_lib  # noqa: E402
 from moe_vlm.train import loop  # noqa: E402
 
 BUCKET = "moe-vlm-test"
@@ -218,7 +218,8 @@ def test_training_run_logs_checkpoints_and_resumes_on_gcs(gcs, tmp_path, monkeyp
   # Killed after step 3: the step-2 checkpoint (state, data position, counters) is on GCS.
   loop.train(c, workdir, stages=(1,), stop_after=3)
   assert {n.split("/")[0] for n in blobs(gcs, "run/stage1/checkpoints/")} == {"2"}
-  results = loop.train(c, workdir, stages=(1,))  # resumes from gs://.../checkpoints/2
+  exp = loop.train(c, workdir, stages=(1,))  # resumes from gs://.../checkpoints/2
+  final = {k: np.asarray(v) for k, v in exp.load_params(1).items()}
 
   assert not os.path.exists(tmp_path / "gs:")
   lines = [json.loads(l) for l in
@@ -245,7 +246,7 @@ def test_training_run_logs_checkpoints_and_resumes_on_gcs(gcs, tmp_path, monkeyp
   # The stage's final parameters: a finished stage is skipped and its params come back
   # from the bucket, equal to what the run ended with.
   assert "_METADATA" in blobs(gcs, "run/stage1/final/")
-  again = loop.train(c, workdir, stages=(1,))[1]
-  assert set(again) == set(results[1])
-  for k, v in results[1].items():
-    np.testing.assert_array_equal(again[k], v)
+  again = loop.train(c, workdir, stages=(1,)).load_params(1, exp.mesh())
+  assert set(again) == set(final)
+  for k, v in final.items():
+    np.testing.assert_array_equal(np.asarray(again[k]), v)

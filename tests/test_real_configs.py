@@ -1,7 +1,6 @@
 """The MoE-LLaVA variant configs start from HF checkpoints on disk through the importer."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch
 import transformers
 
 from configs import moe_llava
+from moe_vlm import experiment
 from moe_vlm.convert import hf
 from moe_vlm.data import synthetic, tokenizer as tokenizer_lib
 from moe_vlm.train import loop
@@ -25,7 +25,7 @@ def test_variants_match_the_paper_settings():
     assert all(s.warmup_ratio == 0.03 and s.weight_decay == 0.0 and s.epochs == 1
                for s in (s1, s2, s3))
     assert len(s2.data.split(",")) == 5
-    m = loop.moe_config(c)
+    m = experiment.settings_of(c).moe
     assert (m.num_experts, m.top_k, m.moe_mode, m.capacity_factor, m.eval_capacity_factor,
             m.aux_loss_coef) == (4, 2, "sparse", 1.5, 2.0, 0.01)
     assert c.data.max_length == 2048 and c.model.text.dtype == "bfloat16"
@@ -64,23 +64,22 @@ def test_phi2_variant_loads_hf_checkpoints_and_trains(checkpoints, tmp_path):
   for k, f in ((1, "stage1.json"), (2, "stage2.json,stage3.json"), (3, "stage3.json")):
     c.stages[f"stage{k}"].update(data=f, batch_size=8, steps=2, epochs=0)
   c.log_every = 1
-  with c.unlocked():  # an execution setting the HF config.json does not carry
-    c.model.text.attention_causal_blocks = 2
-  tok = tokenizer_lib.load_tokenizer(c.data.tokenizer)
-  cfg = loop.model_config(c, tok)
+  c.model.text.attention_causal_blocks = 2  # an execution setting config.json lacks
+  exp = experiment.Experiment(c, str(tmp_path))
+  cfg = exp.dense_config
   assert cfg.text.family == "phi" and cfg.text.parallel_residual and cfg.text.remat == "full"
   assert cfg.text.attention_causal_blocks == 2
   assert cfg.vision.variant == "clip" and cfg.num_image_tokens == 4
   assert cfg.text.vocab_size == 640
-  params = loop.initial_params(c, cfg)
+  params = loop.initial_params(exp, exp.mesh())
   want_llm = hf.import_text(phi.state_dict(), phi.config)
   for name, value in hf.flat_params(want_llm).items():
     np.testing.assert_array_equal(params[f"llm.{name}"], np.asarray(value[...]))
   want_vision = clip.vision_model.state_dict()
   np.testing.assert_array_equal(params["vision.pos_embedding"],
                                 want_vision["embeddings.position_embedding.weight"].numpy())
-  results = loop.train(c, str(tmp_path), stages=(1, 2))
-  assert set(results) == {1, 2}
+  loop.train(c, str(tmp_path), stages=(1, 2))
+  assert exp.has_final(1) and exp.has_final(2) and not exp.has_final(3)
   lines = [json.loads(l) for l in open(tmp_path / "stage2" / "metrics.jsonl")]
   assert len(lines) == 2 and all(np.isfinite(l["loss"]) for l in lines)
   # Stage 2 read both files of its comma-separated list.
@@ -93,8 +92,18 @@ def test_image_token_is_added_in_a_spare_embedding_row(tmp_path):
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
                                               eos_token="</s>")
-  assert loop.ensure_image_token(fast, vocab_size=8) == 3
+  assert experiment.ensure_image_token(fast, vocab_size=8) == 3
   assert fast.convert_tokens_to_ids("<image>") == 3
   with pytest.raises(ValueError, match="embedding rows"):
     fast2 = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    loop.ensure_image_token(fast2, vocab_size=3)
+    experiment.ensure_image_token(fast2, vocab_size=3)
+
+
+def test_architecture_fields_beside_a_checkpoint_are_refused(checkpoints, tmp_path):
+  root, _, _ = checkpoints
+  c = moe_llava.get_config("phi2")
+  c.init.update(hf_vision=str(root / "clip"), hf_llm=str(root / "phi-2"))
+  c.data.update(dir=str(root / "data"), tokenizer=str(root / "data" / "tokenizer"))
+  c.model.text.num_layers = 7  # would be silently ignored: the checkpoint has 2
+  with pytest.raises(experiment.ConfigError, match="model.text.num_layers"):
+    _ = experiment.Experiment(c, str(tmp_path)).dense_config

@@ -28,7 +28,7 @@ def train_and_checkpoint(codec, params, trainable, batch, ckpt_dir: str, *, lr: 
   import jax
   import numpy as np
 
-  from moe_vlm.train import checkpoint as ckpt_lib
+  from moe_vlm import checkpoint as ckpt_lib
   from moe_vlm.train import step as step_lib
   from moe_vlm.train.optim import OptimConfig
 

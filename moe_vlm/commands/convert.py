@@ -35,7 +35,9 @@ flags.DEFINE_string("mm_image_tower", None, "to-hf, moe_llava: the vision tower 
                     "to config.json (default: <out>/image_tower, absolute)")
 flags.DEFINE_bool("drop_lm_head_bias", False, "to-hf, llava: drop a non-zero lm_head bias")
 flags.DEFINE_string("hf", None, "from-hf: the directory to import")
-flags.DEFINE_string("out", None, "output directory")
+flags.DEFINE_string("out", None, "output directory (written under a temporary name, "
+                    "renamed when complete)")
+flags.DEFINE_bool("overwrite", False, "replace --out if it exists and is not empty")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -43,14 +45,14 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("usage: moe-vlm convert to-hf|from-hf [flags]")
   if not FLAGS.out:
     raise app.UsageError("convert needs --out")
-  from moe_vlm.commands.common import setup_logging
-  setup_logging()
+  from moe_vlm.commands.common import start
+  start()
   from moe_vlm.convert import export
   if argv[1] == "from-hf":
     if not FLAGS.hf:
       raise app.UsageError("from-hf needs --hf DIR")
-    export.from_hf(FLAGS.hf, FLAGS.out)
-    print(f"wrote {FLAGS.out}/params and {FLAGS.out}/{export.CONFIG_FILE}")
+    export.from_hf(FLAGS.hf, FLAGS.out, overwrite=FLAGS.overwrite)
+    _say(f"wrote {FLAGS.out}/params and {FLAGS.out}/{export.CONFIG_FILE}")
     return
   if not (FLAGS.workdir or FLAGS.ckpt):
     raise app.UsageError("to-hf needs --workdir (or --ckpt)")
@@ -59,5 +61,11 @@ def main(argv: Sequence[str]) -> None:
                         tokenizer=FLAGS.tokenizer, normalization=FLAGS.normalization,
                         layout=FLAGS.layout, dtype=FLAGS.dtype,
                         mm_image_tower=FLAGS.mm_image_tower,
-                        drop_lm_head_bias=FLAGS.drop_lm_head_bias)
-  print(f"wrote {FLAGS.out} ({layout} layout)")
+                        drop_lm_head_bias=FLAGS.drop_lm_head_bias, overwrite=FLAGS.overwrite)
+  _say(f"wrote {FLAGS.out} ({layout} layout)")
+
+
+def _say(text: str) -> None:
+  import jax
+  if jax.process_index() == 0:
+    print(text)

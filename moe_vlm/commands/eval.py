@@ -49,8 +49,8 @@ def main(argv: Sequence[str]) -> None:
   missing = [f"--{n}" for n in ("workdir", "task", "questions", "out") if getattr(FLAGS, n) is None]
   if missing:
     raise app.UsageError(f"eval needs {', '.join(missing)}")
-  from moe_vlm.commands.common import setup_logging
-  setup_logging()
+  from moe_vlm.commands.common import start
+  start()
   from moe_vlm.eval import tasks
 
   tasks.evaluate_workdir(
@@ -60,5 +60,7 @@ def main(argv: Sequence[str]) -> None:
       max_new_tokens=FLAGS.max_new_tokens, max_examples=FLAGS.max_examples,
       model_id=FLAGS.model_id, routing=FLAGS.routing, plots=FLAGS.plots,
       path_tokens=FLAGS.path_tokens, leave_one_out=FLAGS.vqa_leave_one_out)
-  with open(os.path.join(FLAGS.out, "results.md")) as f:
-    print(f.read())
+  import jax
+  if jax.process_index() == 0:  # the one that wrote it
+    with open(os.path.join(FLAGS.out, "results.md")) as f:
+      print(f.read())

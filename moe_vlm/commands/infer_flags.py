@@ -30,19 +30,16 @@ def load_model():
   if (FLAGS.workdir is None) == (FLAGS.ckpt is None):
     raise app.UsageError("give exactly one of --workdir (a training workdir) and --ckpt (a "
                          "converted checkpoint)")
-  from moe_vlm.commands.common import setup_logging
-  setup_logging()
+  from moe_vlm.commands.common import start
+  start()
   from moe_vlm.infer import load
-  if FLAGS.ckpt:
-    im = load.load_checkpoint(FLAGS.ckpt, template=FLAGS.template, tokenizer=FLAGS.tokenizer)
-  else:
-    im = load.load(FLAGS.workdir, FLAGS.stage, FLAGS.config)
+  # The parameters are restored straight onto the mesh (default: one device; several
+  # processes: the training mesh, or FSDP over all devices for a converted checkpoint).
   mesh = device_mesh()
-  if mesh is not None:
-    from moe_vlm.infer.generate import shard_model
-    im.model = shard_model(im.model, mesh)
-    im.mesh = mesh
-  return im
+  if FLAGS.ckpt:
+    return load.load_checkpoint(FLAGS.ckpt, template=FLAGS.template,
+                                tokenizer=FLAGS.tokenizer, mesh=mesh)
+  return load.load(FLAGS.workdir, FLAGS.stage, FLAGS.config, mesh=mesh)
 
 
 def device_mesh():

@@ -23,7 +23,7 @@ therefore not produce NaNs in attention (use a finite mask value).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
@@ -148,23 +148,31 @@ def summarize_bad(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
   return {name: int(np.sum(codes == code)) for code, name in enumerate(BAD_REASONS)}
 
 
-def shard_dataset(ds: grain.MapDataset, process_index: int,
-                  process_count: int) -> grain.MapDataset:
-  """This process's shard: a strided slice of equal length on every process.
+class _BatchRows(grain.MapDataset):
+  """Element t: rows `rows` of global batch t, where global batch t is elements
+  [t * batch_size, (t + 1) * batch_size) of the parent. Only those elements are read
+  (and transformed), so each process loads only its own rows."""
 
-  Strided (not contiguous) so each shard mixes all parts of a file that is ordered by
-  source; the `len % process_count` tail is dropped so every process runs the same
-  number of steps per epoch.
-  """
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-  if process_count == 1:
-    return ds
-  per_process = len(ds) // process_count
-  if per_process == 0:
-    raise ValueError(f"data set of {len(ds)} records is smaller than process_count="
-                     f"{process_count}")
-  return ds[process_index:per_process * process_count:process_count]
+  def __init__(self, parent: grain.MapDataset, batch_size: int, rows: Sequence[int]):
+    super().__init__(parent)
+    self._batch_size, self._rows = batch_size, tuple(rows)
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._batch_size
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return _stack([self._parent[index * self._batch_size + r] for r in self._rows])
+
+  def __str__(self) -> str:
+    return f"BatchRows(batch_size={self._batch_size}, rows={len(self._rows)})"
+
+
+def _stack(elements: Sequence[Any]) -> Any:
+  if isinstance(elements[0], Mapping):
+    return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+  return np.stack(elements)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -178,38 +186,40 @@ def _ensure_absl_flags_parsed() -> None:
 
 def make_pipeline(source: Any, transform: Optional[Callable[[Any], Any]], *,
                   batch_size: int, seed: int, shuffle: bool = True,
-                  num_epochs: Optional[int] = None, process_index: int = 0,
-                  process_count: int = 1, worker_count: int = 0,
-                  worker_buffer_size: int = 2, read_threads: int = 8,
-                  read_buffer_size: int = 64, drop_remainder: bool = True) -> grain.IterDataset:
-  """Source -> shard -> shuffle -> repeat -> transform -> batch [-> mp_prefetch].
+                  num_epochs: Optional[int] = None, rows: Optional[Sequence[int]] = None,
+                  worker_count: int = 0, worker_buffer_size: int = 2,
+                  read_threads: int = 8, read_buffer_size: int = 64) -> grain.IterDataset:
+  """Source -> shuffle -> repeat -> global batches -> this process's rows [-> workers].
 
-  `batch_size` is per process. Shuffling is global within the process's shard and
-  different (but deterministic) every epoch; num_epochs=None repeats forever.
+  `batch_size` is the GLOBAL batch: global batch t is the same samples whatever the
+  number of processes, and a process loads only `rows` of it (default: all; the loop
+  passes the rows its devices hold, `mesh.process_rows`), so a run on 2 hosts sees the
+  data of a run on 1. Shuffling is global and different (but deterministic) every
+  epoch; num_epochs=None repeats forever; an incomplete last batch is dropped.
   `iter(pipeline)` gives a grain DatasetIterator whose `get_state()` / `set_state()`
   restore the exact position (elements are addressed by index, and `transform` must be
-  a pure function of the record, which `Preprocess` is). With worker_count > 0 the
-  transform and batching run in that many spawned worker processes: the transform and
-  source must pickle, and the main script must be import-safe (`if __name__ ==
-  "__main__":`). Each worker batches its own slice, so changing worker_count changes
-  the order (deterministically).
+  a pure function of the record, which `Preprocess` is). With worker_count > 0 whole
+  batches are prepared in that many spawned worker processes (the order stays the
+  same): the transform and source must pickle, and the main script must be import-safe
+  (`if __name__ == "__main__":`).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   if num_epochs is not None and num_epochs <= 0:
     raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+  rows = tuple(range(batch_size)) if rows is None else tuple(rows)
+  if not rows or any(not 0 <= r < batch_size for r in rows):
+    raise ValueError(f"rows {rows} must be a non-empty subset of range({batch_size})")
   ds = grain.MapDataset.source(source)
   if len(ds) == 0:
     raise ValueError(f"data source {source!r} is empty")
-  ds = shard_dataset(ds, process_index, process_count)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   if transform is not None:
     ds = ds.map(transform)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=read_buffer_size))
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = _BatchRows(ds, batch_size, rows).to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(

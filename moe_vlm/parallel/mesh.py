@@ -72,15 +72,62 @@ def resolve_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, fsdp, model, expert) mesh; `jax.make_mesh` picks a topology-aware order."""
+def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None,
+              dcn: Optional[Mapping[str, int]] = None) -> Mesh:
+  """A (data, fsdp, model, expert) mesh; `jax.make_mesh` picks a topology-aware order.
+
+  `dcn` (MaxText's dcn_*_parallelism) splits axes over groups of whole processes: axis
+  `a` becomes dcn[a] process groups times shape[a] / dcn[a] devices within a process.
+  Use it to say which axes cross hosts (multi-slice, or a test that needs an axis to
+  span processes); all 1 (the default) leaves the order to `jax.make_mesh`.
+  """
   devices = list(devices) if devices is not None else jax.devices()
   sizes = resolve_shape(shape, len(devices))
   dims = tuple(sizes[a] for a in MESH_AXES)
   auto = (AxisType.Auto,) * len(MESH_AXES)
+  dcn = {a: int((dcn or {}).get(a, 1)) for a in MESH_AXES}
+  if any(n != 1 for n in dcn.values()):
+    return Mesh(_hybrid_devices(sizes, dcn, devices), MESH_AXES, axis_types=auto)
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(dims, MESH_AXES, axis_types=auto)
   return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=auto)
+
+
+def _hybrid_devices(sizes: Mapping[str, int], dcn: Mapping[str, int],
+                    devices: Sequence[jax.Device]) -> np.ndarray:
+  from jax.experimental import mesh_utils
+
+  bad = [a for a in MESH_AXES if dcn[a] < 1 or sizes[a] % dcn[a]]
+  if bad:
+    raise MeshError(f"mesh.dcn.{bad[0]}={dcn[bad[0]]} does not divide mesh.{bad[0]}="
+                    f"{sizes[bad[0]]}")
+  groups = math.prod(dcn.values())
+  processes = len({d.process_index for d in devices})
+  if groups != processes:
+    raise MeshError(f"mesh.dcn {dict(dcn)} makes {groups} process groups but the devices "
+                    f"belong to {processes} processes")
+  ici = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
+  return mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in MESH_AXES),
+                                              devices=devices, process_is_granule=True)
+
+
+def axes_across_processes(mesh: Mesh) -> tuple[str, ...]:
+  """Mesh axes along which devices of different processes (hosts) meet: an array split
+  over one of these is never whole on any host."""
+  owner = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  out = []
+  for i, name in enumerate(mesh.axis_names):
+    lines = np.moveaxis(owner, i, -1).reshape(-1, owner.shape[i])
+    if any(len(set(line)) > 1 for line in lines):
+      out.append(name)
+  return tuple(out)
+
+
+def describe(mesh: Mesh) -> str:
+  """`data=2 fsdp=2 model=1 expert=1 (across processes: fsdp)`, for the run log."""
+  across = axes_across_processes(mesh)
+  shape = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+  return f"{shape} (across processes: {', '.join(across) or 'none'})"
 
 
 def logical_to_spec(axes: Sequence[Optional[str]], rules: Rules = DEFAULT_RULES) -> P:
@@ -123,6 +170,38 @@ def param_shardings(logical_axes: Mapping[str, tuple], shapes: Mapping[str, Any]
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def process_rows(mesh: Mesh, global_batch: int, rules: Rules = DEFAULT_RULES) -> tuple[int, ...]:
+  """The rows of a batch-sharded [global_batch, ...] array that this process's devices
+  hold: what its input pipeline must load (and nothing more)."""
+  index = batch_sharding(mesh, 1, rules).addressable_devices_indices_map((global_batch,))
+  return tuple(sorted({r for i in index.values() for r in range(*i[0].indices(global_batch))}))
+
+
+def assemble_batch(local: np.ndarray, rows: Sequence[int], global_batch: int, mesh: Mesh,
+                   rules: Rules = DEFAULT_RULES) -> jax.Array:
+  """The global batch array from this process's `rows` of it (`local[i]` is row
+  `rows[i]`), split over the batch axes; processes never exchange the data."""
+  position = {r: i for i, r in enumerate(rows)}
+  sharding = batch_sharding(mesh, local.ndim, rules)
+
+  def shard(index: tuple[slice, ...]) -> np.ndarray:
+    wanted = [position[r] for r in range(*index[0].indices(global_batch))]
+    return local[wanted][(slice(None),) + tuple(index[1:])]
+
+  return jax.make_array_from_callback((global_batch,) + local.shape[1:], sharding, shard)
+
+
+def place_batch(x: np.ndarray, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> jax.Array:
+  """A host batch that every process holds whole (prompts, eval questions) as a global
+  array: split over the batch axes when they divide it, else replicated. Each device
+  takes its slice of the host copy, so processes never exchange the data."""
+  x = np.asarray(x)
+  ways = axis_size(mesh, BATCH_AXES)
+  sharding = (batch_sharding(mesh, x.ndim, rules) if x.shape[0] % ways == 0 else
+              NamedSharding(mesh, P()))
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def check_model_fits_mesh(cfg: Any, mesh: Mesh, global_batch: Optional[int] = None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import tempfile
 from typing import Any, Optional, Sequence
@@ -157,19 +156,21 @@ def preflight_config(c: ml_collections.ConfigDict, stages: Sequence[int] = (1, 2
   The tokenizer (vocabulary size, `<image>` id) comes from `data.tokenizer` / the LLM
   checkpoint; a synthetic config without one gets its data generated in `workdir`
   (a temporary directory when None)."""
+  from moe_vlm.experiment import Experiment
   from moe_vlm.train import loop
 
   with tempfile.TemporaryDirectory() as tmp:
-    _, tokenizer = loop.prepare_data(c, workdir or tmp)
-    dense = loop.model_config(c, tokenizer)
-  mesh = mesh or mesh_lib.make_mesh(dict(c.mesh))
+    exp = Experiment(c, workdir or tmp)
+    exp.prepare_data()
+    cfgs = {k: exp.model_config(k) for k in stages}
+  mesh = mesh or exp.mesh()
   reports = {}
   for k in stages:
-    s = c.stages[f"stage{k}"]
-    step_cfg = loop.step_config(c, s, max(1, s.steps))
+    s = exp.stage(k)
+    step_cfg = loop.step_config(exp.settings.moe, s, max(1, s.steps))
     reports[k] = preflight_step(
-        loop.stage_model_config(c, dense, k), mesh, batch_size=s.batch_size,
-        seq_len=c.data.max_length, hbm_budget_bytes=hbm_budget_bytes,
+        cfgs[k], mesh, batch_size=s.batch_size,
+        seq_len=exp.settings.data.max_length, hbm_budget_bytes=hbm_budget_bytes,
         where=f"stage {k} ({s.train}, batch {s.batch_size}, grad_accum {s.grad_accum}, "
               f"mesh {dict(mesh.shape)})",
         print_fn=print_fn, train=s.train, extra_modules=tuple(s.extra_modules),
@@ -182,15 +183,13 @@ def preflight_config(c: ml_collections.ConfigDict, stages: Sequence[int] = (1, 2
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags
-  from moe_vlm.commands.common import setup_logging
-  from moe_vlm.distributed import maybe_initialize
+  from moe_vlm.commands.common import start
 
   del argv
   f = flags.FLAGS
   if f.config is None:
     raise flags.UsageError("preflight needs --config")
-  setup_logging()
-  maybe_initialize()
+  start()
   budget = f.hbm_gib * GiB if f.hbm_gib else None
   try:
     preflight_config(f.config, parse_stages(f.stage), hbm_budget_bytes=budget,
@@ -204,7 +203,10 @@ def main(argv: Sequence[str]) -> None:
 
 
 def parse_stages(text: str) -> tuple[int, ...]:
-  stages = (1, 2, 3) if text == "all" else tuple(int(s) for s in text.split(",") if s)
+  try:
+    stages = (1, 2, 3) if text == "all" else tuple(int(s) for s in text.split(",") if s)
+  except ValueError:
+    stages = ()
   if not stages or any(s not in (1, 2, 3) for s in stages):
     raise ValueError(f"--stage={text!r}: expected 1, 2, 3, a comma list or 'all'")
   return stages

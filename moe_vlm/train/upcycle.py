@@ -10,14 +10,16 @@ until the experts diverge (with dropless dispatch, or with capacity large enough
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeVar
+from typing import Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from moe_vlm.models.config import ConfigError, MoEConfig, TextConfig, VLMConfig
 from moe_vlm.models.layers import torch_linear_init
+from moe_vlm.models.params import ParamCodec, Params
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -45,37 +47,63 @@ def _text_cfg(cfg) -> TextConfig:
   return cfg.text if isinstance(cfg, VLMConfig) else cfg
 
 
-def upcycle(dense: M, moe: MoEConfig, *, seed: int = 0) -> M:
-  """Returns a new model of the same class whose chosen FFNs became `moe` layers."""
-  text = _text_cfg(dense.cfg)
+def upcycle_check(dense_cfg, moe: MoEConfig):
+  """The MoE config of the upcycled model; errors name what cannot be upcycled."""
+  text = _text_cfg(dense_cfg)
   if text.moe is not None:
     raise ConfigError("upcycle: the model already has MoE layers (text.moe is set)")
   if moe.expert_intermediate_size not in (None, text.intermediate_size):
     raise ConfigError(
         f"upcycle: moe.expert_intermediate_size={moe.expert_intermediate_size} differs from "
         f"the dense FFN's intermediate_size={text.intermediate_size}; experts are copies")
-  new_cfg = with_moe(dense.cfg, moe)
+  new_cfg = with_moe(dense_cfg, moe)
   _text_cfg(new_cfg).validate()
-  cls = type(dense)
-  abstract = nnx.eval_shape(lambda: cls(new_cfg, rngs=nnx.Rngs(seed)))
-  graphdef, abstract_state = nnx.split(abstract)
-  old = dict(nnx.to_flat_state(nnx.state(dense)))
+  return new_cfg
+
+
+def upcycled(dense: Mapping[str, jax.Array], moe_codec: ParamCodec, moe: MoEConfig,
+             seed: int) -> Params:
+  """The MoE model's flat parameters from the dense model's: the routing core of
+  upcycling, as a pure function (jit-able, so it can run straight onto a mesh)."""
   key = jax.random.key(seed)
-  flat = []
-  for path, var in nnx.to_flat_state(abstract_state):
-    if path in old:
-      value = old[path][...]
-    elif "experts" in path:
-      i = path.index("experts")
-      submodule, leaf = _EXPERT_SOURCE[path[i + 1]]
-      src = old[path[:i] + (submodule, leaf)][...]
-      value = jnp.broadcast_to(src, (moe.num_experts,) + src.shape)
-    elif "router" in path:
-      layer_key = jax.random.fold_in(key, len(flat))
-      value = torch_linear_init(layer_key, var.shape, var.dtype)
+  out = {}
+  for i, name in enumerate(moe_codec.names):
+    shape = moe_codec.shapes[name]
+    if name in dense:
+      value = dense[name]
+    elif ".experts." in name:
+      head, leaf = name.rsplit(".experts.", 1)
+      submodule, var = _EXPERT_SOURCE[leaf]
+      value = jnp.broadcast_to(dense[f"{head}.{submodule}.{var}"], shape.shape)
+    elif ".router." in name:
+      value = torch_linear_init(jax.random.fold_in(key, i), shape.shape, shape.dtype)
     else:
-      raise AssertionError(f"upcycle: no source for parameter {path}")
-    if tuple(value.shape) != tuple(var.shape):
-      raise AssertionError(f"upcycle: {path} has shape {value.shape}, expected {var.shape}")
-    flat.append((path, var.replace(value=jnp.asarray(value, var.dtype))))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+      raise AssertionError(f"upcycle: no source for parameter {name}")
+    if tuple(value.shape) != tuple(shape.shape):
+      raise AssertionError(f"upcycle: {name} has shape {value.shape}, expected {shape.shape}")
+    out[name] = jnp.asarray(value, shape.dtype)
+  return out
+
+
+def upcycle(dense: M, moe: MoEConfig, *, seed: int = 0) -> M:
+  """Returns a new model of the same class whose chosen FFNs became `moe` layers."""
+  new_cfg = upcycle_check(dense.cfg, moe)
+  cls = type(dense)
+  codec = ParamCodec.abstract(lambda: cls(new_cfg, rngs=nnx.Rngs(seed)))
+  return codec.merge(upcycled(ParamCodec(dense).flatten(dense), codec, moe, seed))
+
+
+def upcycle_params(dense: Params, dense_cfg: VLMConfig, moe: MoEConfig, *, seed: int,
+                   mesh: Mesh) -> Params:
+  """Stage 3's starting parameters from stage 2's final ones (global arrays on `mesh`):
+  computed under jit straight onto the MoE model's shardings (experts split over the
+  `expert` axis as they are created), the dense inputs donated, so no device ever holds
+  more than its shards of either model."""
+  from moe_vlm.parallel import placement
+
+  cfg = upcycle_check(dense_cfg, moe)
+  codec = placement.abstract_codec(cfg)
+  dense_shardings = placement.shardings(dense_cfg, mesh)
+  fn = jax.jit(lambda d: upcycled(d, codec, moe, seed), in_shardings=(dense_shardings,),
+               out_shardings=placement.shardings(cfg, mesh), donate_argnums=0)
+  return fn({n: dense[n] for n in dense_shardings})

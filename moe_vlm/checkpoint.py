@@ -26,9 +26,11 @@ def as_path(directory: str) -> epath.Path:
 
 
 def _abstract(tree: Any, shardings: Any = None) -> Any:
-  """ShapeDtypeStructs (with target shardings) that tell Orbax what to restore."""
+  """ShapeDtypeStructs with target shardings that tell Orbax what to restore; without
+  shardings, onto this process's first device (a checkpoint written from any mesh)."""
   if shardings is None:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: one, tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
 
@@ -85,4 +87,6 @@ def has_params(directory: str) -> bool:
 
 
 def to_host(tree: Any) -> Any:
+  """A tree of process-local arrays as numpy (tests and tiny models only: a global
+  array spanning other processes cannot be read here; see parallel.placement)."""
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
