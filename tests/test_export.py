@@ -346,8 +346,8 @@ def test_convert_command_end_to_end(tmp_root, tmp_path):
   from configs import synthetic_tiny
   from moe_vlm.data import tokenizer as tokenizer_lib
   from moe_vlm.models.params import ParamCodec
-  from moe_vlm.train import checkpoint as ckpt_lib
-  from moe_vlm.train import loop
+  from moe_vlm import checkpoint as ckpt_lib
+  from moe_vlm import experiment
 
   tok = tokenizer_dir(tmp_root)
   # The experiment file, shrunk (both here and on the command line) to keep the test fast.
@@ -359,7 +359,8 @@ def test_convert_command_end_to_end(tmp_root, tmp_path):
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     functools.reduce(getattr, parents, c)[leaf] = value
-  cfg = loop.stage_model_config(c, loop.model_config(c, tokenizer_lib.load_tokenizer(tok)), 3)
+  cfg = experiment.stage_model_config(
+      c, experiment.model_config(c, tokenizer_lib.load_tokenizer(tok)), 3)
   model = _randomize(VLM(cfg, rngs=nnx.Rngs(0)), seed=5)
   params = ckpt_lib.to_host(ParamCodec(model).flatten(model))
   wd, out, ckpt = (str(tmp_path / n) for n in ("wd", "hf", "ckpt"))
@@ -376,8 +377,7 @@ def test_convert_command_end_to_end(tmp_root, tmp_path):
   _run("from-hf", f"--hf={out}", f"--out={ckpt}")
   assert export.load_config(os.path.join(ckpt, export.CONFIG_FILE)) == cfg
   assert os.path.exists(os.path.join(ckpt, "tokenizer", "tokenizer.json"))
-  restored = export.load_params_model(cfg, os.path.join(ckpt, "params"))
-  got = ckpt_lib.to_host(ParamCodec(restored).flatten(restored))
+  got = ckpt_lib.to_host(experiment.load_params(os.path.join(ckpt, "params"), cfg))
   for k, v in params.items():
     assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
 
@@ -436,5 +436,10 @@ def test_sharded_export_loads_everywhere(tmp_path):
   back = export.import_vlm(out)
   for k, v in _params(model).items():
     assert np.array_equal(_params(back)[k], v), k
-  export.export_vlm(model, out)
+  # A non-empty output directory is kept as it is unless the call says to replace it.
+  from moe_vlm.files import OutputExistsError
+  with pytest.raises(OutputExistsError, match="--overwrite"):
+    export.export_vlm(model, out)
+  assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == files
+  export.export_vlm(model, out, overwrite=True)
   assert sorted(f for f in os.listdir(out) if f.startswith("model")) == ["model.safetensors"]

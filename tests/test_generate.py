@@ -21,8 +21,8 @@ from moe_vlm.infer.sampling import sample_tokens, top_p_filter
 from moe_vlm.models.config import MoEConfig
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
-from moe_vlm.train import checkpoint as ckpt_lib
-from moe_vlm.train import loop
+from moe_vlm import checkpoint as ckpt_lib
+from moe_vlm.experiment import Experiment
 from tests.tiny import IMAGE_TOKEN, LLAMA, PHI, vlm_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,9 +221,9 @@ def workdir(tmp_path_factory):
   """Synthetic data + tokenizer, and random stage-3 params saved where training would."""
   workdir = str(tmp_path_factory.mktemp("gen"))
   c = _tiny_config()
-  _, tokenizer = loop.prepare_data(c, workdir)
-  dense_cfg = loop.model_config(c, tokenizer)
-  model = VLM(loop.stage_model_config(c, dense_cfg, 3), rngs=nnx.Rngs(3))
+  exp = Experiment(c, workdir)
+  exp.prepare_data()
+  model = VLM(exp.model_config(3), rngs=nnx.Rngs(3))
   ckpt_lib.save_params(os.path.join(workdir, "stage3", "final"),
                        ckpt_lib.to_host(ParamCodec(model).flatten(model)))
   with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -14,7 +14,7 @@ from moe_vlm.infer import vqa
 from moe_vlm.infer.generate import GenerationConfig
 from moe_vlm.infer.load import InferenceModel
 from moe_vlm.models.vlm import VLM
-from moe_vlm.train import loop
+from moe_vlm.experiment import Experiment
 
 USER_ANSWERS = b'{"question_id": "old", "text": "the user\'s earlier answers"}\nkeep me\n'
 
@@ -35,8 +35,9 @@ def tiny(tmp_path_factory):
   """A stage-2 (dense) model with random weights, its tokenizer and the synthetic images."""
   workdir = str(tmp_path_factory.mktemp("safe"))
   c = _tiny_config()
-  data_dir, tokenizer = loop.prepare_data(c, workdir)
-  cfg = loop.stage_model_config(c, loop.model_config(c, tokenizer), 2)
+  exp = Experiment(c, workdir)
+  exp.prepare_data()
+  data_dir, tokenizer, cfg = exp.data_dir, exp.tokenizer, exp.model_config(2)
   im = InferenceModel(model=VLM(cfg, rngs=nnx.Rngs(0)), cfg=cfg, tokenizer=tokenizer,
                       template=c.stages.stage2.template, normalization=c.data.normalization)
   images = os.path.join(data_dir, "images")

@@ -29,18 +29,22 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
+import jax
 import numpy as np
 from flax import nnx
 
-from moe_vlm.convert import hf, keymap
+from moe_vlm import files
+from moe_vlm.convert import hf, keymap, safetensors_io
 from moe_vlm.convert.hf import ConversionError
 from moe_vlm.models import config as config_lib
 from moe_vlm.models.config import (ConfigError, MoEConfig, TextConfig,
                                    VisionConfig, VLMConfig)
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
+from moe_vlm.parallel import mesh as mesh_lib
+from moe_vlm.parallel import placement
 
 log = logging.getLogger("moe_vlm")
 
@@ -109,21 +113,26 @@ def resolve_layout(cfg: VLMConfig, layout: str = "auto") -> str:
     return "moe_llava"
 
 
-def _cast(state: dict[str, np.ndarray], dtype: Optional[str]) -> dict[str, np.ndarray]:
-  """Floating tensors to `dtype` (None keeps them as they are)."""
+def _caster(dtype: Optional[str]):
+  """array -> array with floating tensors cast to `dtype` (None keeps them as they are)."""
   if not dtype:
-    return state
+    return lambda v: v
   import ml_dtypes  # numpy has no bfloat16 of its own
 
   target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
   floating = lambda dt: dt.kind == "f" or dt == np.dtype(ml_dtypes.bfloat16)
-  return {k: v.astype(target) if floating(v.dtype) else v for k, v in state.items()}
+  return lambda v: v.astype(target) if floating(v.dtype) else v
 
 
-def _split_lm_head_bias(state: dict[str, np.ndarray], drop: bool) -> None:
+def _cast(tensors: Iterable[tuple[str, np.ndarray]],
+          dtype: Optional[str]) -> Iterator[tuple[str, np.ndarray]]:
+  cast = _caster(dtype)
+  return ((k, cast(v)) for k, v in tensors)
+
+
+def _lm_head_bias_ok(bias: np.ndarray, drop: bool) -> None:
   """LLaVA's lm_head has no bias: a zero bias is dropped (exact), others only on request."""
-  bias = state.pop("lm_head.bias", None)
-  if bias is None or not np.any(bias.astype(np.float32)) or drop:
+  if not np.any(bias.astype(np.float32)) or drop:
     return
   raise ConversionError(
       "the model has a non-zero lm_head bias (Phi-2) but LlavaForConditionalGeneration's "
@@ -140,24 +149,26 @@ def llava_disk_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return hf.rename_prefixes(state, _LLAVA_MEMORY_TO_DISK)
 
 
+def _unfuse(key: str, value: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+  """One fused tensor -> transformers 5's per-expert ones (see `unfuse_experts`)."""
+  head, sep, tail = key.partition(".mlp.experts.")
+  if sep and tail == "gate_up_proj":
+    f = value.shape[1] // 2
+    for e in range(value.shape[0]):
+      yield f"{head}.mlp.experts.{e}.gate_proj.weight", value[e, :f]
+      yield f"{head}.mlp.experts.{e}.up_proj.weight", value[e, f:]
+  elif sep and tail == "down_proj":
+    for e in range(value.shape[0]):
+      yield f"{head}.mlp.experts.{e}.down_proj.weight", value[e]
+  else:
+    yield key, value
+
+
 def unfuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Fused `mlp.experts.gate_up_proj [E, 2F, D]` / `down_proj [E, D, F]` -> one tensor per
   expert and projection, as transformers 5 writes them: the inverse of
   `hf.fuse_unfused_experts`."""
-  out = {}
-  for key, value in state.items():
-    head, sep, tail = key.partition(".mlp.experts.")
-    if sep and tail == "gate_up_proj":
-      f = value.shape[1] // 2
-      for e in range(value.shape[0]):
-        out[f"{head}.mlp.experts.{e}.gate_proj.weight"] = value[e, :f]
-        out[f"{head}.mlp.experts.{e}.up_proj.weight"] = value[e, f:]
-    elif sep and tail == "down_proj":
-      for e in range(value.shape[0]):
-        out[f"{head}.mlp.experts.{e}.down_proj.weight"] = value[e]
-    else:
-      out[key] = value
-  return out
+  return dict(kv for key, value in state.items() for kv in _unfuse(key, value))
 
 
 def _empty_shared_experts(cfg: TextConfig, prefix: str, dtype: np.dtype) -> dict[str, np.ndarray]:
@@ -173,62 +184,77 @@ def _empty_shared_experts(cfg: TextConfig, prefix: str, dtype: np.dtype) -> dict
   return out
 
 
-def llava_state(model: VLM, *, drop_lm_head_bias: bool = False) -> dict[str, np.ndarray]:
-  """The tensors of `LlavaForConditionalGeneration.save_pretrained`, by on-disk name."""
-  cfg = model.cfg
-  state = hf.export_weights(model, keymap.llava_rules(cfg))
-  _split_lm_head_bias(state, drop_lm_head_bias)
+# A tensor source: our parameter name -> its value on the host. Export asks for one
+# tensor at a time (a sharded model is gathered tensor by tensor: `params_source`).
+Source = Callable[[str], np.ndarray]
+
+
+def model_source(model: VLM) -> Source:
+  flat = hf.flat_params(model)
+  return lambda name: placement.host_value(flat[name][...])
+
+
+def params_source(params: Mapping[str, jax.Array]) -> Source:
+  """Flat params, possibly sharded over other processes: every process must consume the
+  export stream in the same order (each tensor is all-gathered when it is needed)."""
+  return lambda name: placement.host_value(params[name])
+
+
+def llava_tensors(get: Source, cfg: VLMConfig, *,
+                  drop_lm_head_bias: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+  """The tensors of `LlavaForConditionalGeneration.save_pretrained`, by on-disk name,
+  one at a time."""
+  dtype = np.dtype(cfg.text.param_dtype)
+  for key, value in hf.export_tensors(get, keymap.llava_rules(cfg)):
+    if key == "lm_head.bias":
+      _lm_head_bias_ok(value, drop_lm_head_bias)
+      continue
+    for k, v in _unfuse(key, value):
+      yield next(iter(llava_disk_keys({k: v}).items()))
   if cfg.text.moe is not None:
-    dtype = state["model.language_model.embed_tokens.weight"].dtype
-    state.update(_empty_shared_experts(cfg.text, "model.language_model.", dtype))
-  return llava_disk_keys(unfuse_experts(state))
+    shared = _empty_shared_experts(cfg.text, "model.language_model.", dtype)
+    yield from llava_disk_keys(shared).items()
+
+
+def llava_state(model: VLM, *, drop_lm_head_bias: bool = False) -> dict[str, np.ndarray]:
+  """`llava_tensors` of a model, as a dict."""
+  return dict(llava_tensors(model_source(model), model.cfg,
+                            drop_lm_head_bias=drop_lm_head_bias))
+
+
+def moe_llava_tensors(get: Source, cfg: VLMConfig, part: str) -> Iterator[tuple[str, np.ndarray]]:
+  """part "text": LLM + projector tensors by MoE-LLaVA name; "vision": the vision tower's
+  by CLIPVisionModel name, keeping the `vision_model.` prefix that transformers 4.x
+  (MoE-LLaVA's) needs and 5.x accepts."""
+  if part == "text":
+    rules = (keymap.text_rules(cfg.text, "llm.", "model.", "lm_head", "moe_llava")
+             + keymap.moe_llava_projector_rules(cfg.projector))
+  else:
+    rules = keymap.vision_rules(cfg.vision, "vision.", "vision_model.")
+  return hf.export_tensors(get, rules)
 
 
 def moe_llava_state(model: VLM) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """(LLM + projector tensors by MoE-LLaVA name, vision tower tensors by CLIPVisionModel
-  name). The tower keeps the `vision_model.` prefix that transformers 4.x (MoE-LLaVA's)
-  needs and 5.x accepts."""
-  cfg = model.cfg
-  text = hf.export_weights(model, keymap.text_rules(cfg.text, "llm.", "model.", "lm_head",
-                                                     "moe_llava")
-                           + keymap.moe_llava_projector_rules(cfg.projector))
-  vision = hf.export_weights(model, keymap.vision_rules(cfg.vision, "vision.", "vision_model."))
-  return text, vision
+  """`moe_llava_tensors` of a model: (text + projector, vision tower) dicts."""
+  get = model_source(model)
+  return (dict(moe_llava_tensors(get, model.cfg, "text")),
+          dict(moe_llava_tensors(get, model.cfg, "vision")))
 
 
 # ----------------------------------------------------------------- file writing
 
 
-def write_safetensors(state: Mapping[str, np.ndarray], out_dir: str,
-                      max_shard_bytes: int = _MAX_SHARD_BYTES) -> list[str]:
+def write_safetensors(state: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                      out_dir: str, max_shard_bytes: int = _MAX_SHARD_BYTES) -> list[str]:
   """`model.safetensors`, or `model-0000k-of-0000n.safetensors` shards + the index
-  transformers reads when the tensors exceed `max_shard_bytes`."""
-  from safetensors.numpy import save_file
-
-  os.makedirs(out_dir, exist_ok=True)
-  for name in os.listdir(out_dir):  # a previous export's shards would be read as well
-    if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")):
-      os.remove(os.path.join(out_dir, name))
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for key in sorted(state):
-    value = np.ascontiguousarray(state[key])
-    if shards[-1] and size + value.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][key] = value
-    size += value.nbytes
-  if len(shards) == 1:
-    names = ["model.safetensors"]
-  else:
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    index = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
-             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-      json.dump(index, f, indent=2)
-  for name, shard in zip(names, shards):
-    save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-  return names
+  transformers reads when the tensors exceed `max_shard_bytes`. Tensors are streamed to
+  disk one at a time. With several processes all consume the stream (the tensors may
+  be gathered from all of them) and process 0 writes."""
+  if jax.process_index() == 0:
+    return safetensors_io.write(state, out_dir, max_shard_bytes)
+  for _ in (state.items() if isinstance(state, Mapping) else state):
+    pass
+  return []
 
 
 def _write_json(obj: Mapping[str, Any], path: str) -> None:
@@ -281,42 +307,60 @@ def _token_ids(tokenizer: Any) -> dict[str, int]:
 # -------------------------------------------------------------------- export
 
 
-def export_vlm(model: VLM, out_dir: str, *, layout: str = "auto", tokenizer: Any = None,
-               normalization: Optional[str] = None, dtype: Optional[str] = None,
-               mm_image_tower: Optional[str] = None, drop_lm_head_bias: bool = False,
-               max_shard_bytes: int = _MAX_SHARD_BYTES) -> str:
-  """Writes `model` to `out_dir` in `layout` (see module docstring); returns the layout.
+def export_vlm(model: VLM, out_dir: str, **kw: Any) -> str:
+  """Writes `model` to `out_dir` (see `export_params` for the options); returns the
+  layout written."""
+  return export_params(model_source(model), model.cfg, out_dir, **kw)
+
+
+def export_params(get: Source, cfg: VLMConfig, out_dir: str, *, layout: str = "auto",
+                  tokenizer: Any = None, normalization: Optional[str] = None,
+                  dtype: Optional[str] = None, mm_image_tower: Optional[str] = None,
+                  drop_lm_head_bias: bool = False, overwrite: bool = False,
+                  max_shard_bytes: int = _MAX_SHARD_BYTES) -> str:
+  """Writes the model of config `cfg` whose parameters `get` returns (one at a time) to
+  `out_dir` in `layout` (see module docstring); returns the layout.
 
   tokenizer: a tokenizer or its directory, saved beside the weights (with `<image>`).
   normalization: image mean/std set ("clip" / "siglip"); default: the tower's own.
   dtype: cast floating tensors ("bfloat16", "float16", "float32"); default: keep.
   mm_image_tower: moe_llava only, the path config.json names for the tower
     (default: the absolute path of `<out_dir>/image_tower`).
+  overwrite: replace a non-empty `out_dir` (else it is refused). The files are written
+    into a temporary directory that becomes `out_dir` only when complete.
+  With several processes, all of them call this (each tensor is gathered from the
+  shards of all) and process 0 writes.
   """
-  cfg = model.cfg
   if cfg.projector == "perceiver":
     raise ValueError("projector='perceiver' (IDEFICS2 resampler) has no place in the LLaVA "
                      "or MoE-LLaVA layouts; keep its Orbax checkpoint instead")
   layout = resolve_layout(cfg, layout)
   tok = None if tokenizer is None else prepare_tokenizer(tokenizer, cfg)
-  os.makedirs(out_dir, exist_ok=True)
-  if layout == "llava":
-    _export_llava(model, out_dir, tok, normalization, dtype, drop_lm_head_bias, max_shard_bytes)
-  else:
-    _export_moe_llava(model, out_dir, tok, normalization, dtype, mm_image_tower, max_shard_bytes)
-  save_config(cfg, os.path.join(out_dir, CONFIG_FILE))
+  final = os.path.abspath(out_dir)
+  with files.output_dir(final, overwrite=overwrite) as tmp:
+    if layout == "llava":
+      _export_llava(get, cfg, tmp, tok, normalization, dtype, drop_lm_head_bias,
+                    max_shard_bytes)
+    else:
+      _export_moe_llava(get, cfg, tmp, tok, normalization, dtype,
+                        mm_image_tower or os.path.join(final, IMAGE_TOWER_DIR),
+                        max_shard_bytes)
+    if jax.process_index() == 0:
+      save_config(cfg, os.path.join(tmp, CONFIG_FILE))
   return layout
 
 
-def _export_llava(model: VLM, out_dir: str, tok: Any, normalization: Optional[str],
-                  dtype: Optional[str], drop_lm_head_bias: bool, max_shard_bytes: int) -> None:
-  cfg = model.cfg
+def _export_llava(get: Source, cfg: VLMConfig, out_dir: str, tok: Any,
+                  normalization: Optional[str], dtype: Optional[str], drop_lm_head_bias: bool,
+                  max_shard_bytes: int) -> None:
+  write_safetensors(_cast(llava_tensors(get, cfg, drop_lm_head_bias=drop_lm_head_bias), dtype),
+                    out_dir, max_shard_bytes)
+  if jax.process_index() != 0:
+    return
   hf_config = hf.vlm_config_to_hf(cfg, **_token_ids(tok))
-  state = _cast(llava_state(model, drop_lm_head_bias=drop_lm_head_bias), dtype)
   hf_config.architectures = ["LlavaForConditionalGeneration"]
-  hf_config.dtype = dtype or str(state["language_model.model.embed_tokens.weight"].dtype)
+  hf_config.dtype = dtype or cfg.text.param_dtype
   hf_config.save_pretrained(out_dir)
-  write_safetensors(state, out_dir, max_shard_bytes)
   processor = image_processor(cfg.vision, normalization)
   if tok is None:
     processor.save_pretrained(out_dir)
@@ -399,23 +443,23 @@ def moe_llava_config(cfg: VLMConfig, mm_image_tower: str,
   return base
 
 
-def _export_moe_llava(model: VLM, out_dir: str, tok: Any, normalization: Optional[str],
-                      dtype: Optional[str], mm_image_tower: Optional[str],
+def _export_moe_llava(get: Source, cfg: VLMConfig, out_dir: str, tok: Any,
+                      normalization: Optional[str], dtype: Optional[str], mm_image_tower: str,
                       max_shard_bytes: int) -> None:
-  cfg = model.cfg
   tower_dir = os.path.join(out_dir, IMAGE_TOWER_DIR)
-  config = moe_llava_config(cfg, mm_image_tower or os.path.abspath(tower_dir), _token_ids(tok))
-  text, vision = moe_llava_state(model)
-  text, vision = _cast(text, dtype), _cast(vision, dtype)
+  write_safetensors(_cast(moe_llava_tensors(get, cfg, "text"), dtype), out_dir, max_shard_bytes)
+  write_safetensors(_cast(moe_llava_tensors(get, cfg, "vision"), dtype), tower_dir,
+                    max_shard_bytes)
+  if jax.process_index() != 0:
+    return
+  config = moe_llava_config(cfg, mm_image_tower, _token_ids(tok))
   # transformers 5 reads `dtype`, MoE-LLaVA's 4.x `torch_dtype`.
-  config["dtype"] = config["torch_dtype"] = dtype or str(text["model.embed_tokens.weight"].dtype)
+  config["dtype"] = config["torch_dtype"] = dtype or cfg.text.param_dtype
   _write_json(config, os.path.join(out_dir, "config.json"))
-  write_safetensors(text, out_dir, max_shard_bytes)
   vision_config = hf.vision_config_to_hf(cfg.vision)
   vision_config.architectures = ["CLIPVisionModel" if cfg.vision.variant == "clip"
                                  else "SiglipVisionModel"]
   vision_config.save_pretrained(tower_dir)
-  write_safetensors(vision, tower_dir, max_shard_bytes)
   image_processor(cfg.vision, normalization).save_pretrained(tower_dir)
   if tok is not None:
     tok.save_pretrained(out_dir)
@@ -559,79 +603,64 @@ def _read_moe_llava(path: str, raw: Mapping[str, Any], dtype: str,
 #   preprocessor_config.json  the image processor (mean/std), when the source had one
 
 
-def load_params_model(cfg: VLMConfig, params_dir: str) -> VLM:
-  """A VLM from a flat params checkpoint (`<workdir>/stage<k>/final`, or `from_hf`'s)."""
-  from moe_vlm.train import checkpoint as ckpt_lib
-
-  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-  return codec.merge(ckpt_lib.load_params(params_dir, codec.shapes))
-
-
-def experiment_model(c: Any, workdir: str, stage: int,
-                     tokenizer_dir: Optional[str] = None) -> tuple[VLMConfig, Any, Optional[str]]:
-  """(VLMConfig, tokenizer, image normalisation) of a stage, built as `train` builds them
-  from the experiment config, without touching the data (no synthetic generation)."""
-  from moe_vlm.data import tokenizer as tokenizer_lib
-  from moe_vlm.train import loop
-
-  # The tokenizer lookup of loop.prepare_data.
-  data_dir = c.data.dir or os.path.join(workdir, "data")
-  tok_dir = (tokenizer_dir or c.data.tokenizer or c.init.hf_llm
-             or os.path.join(data_dir, "tokenizer"))
-  tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
-  dense = loop.model_config(c, tokenizer)  # adds <image> to the tokenizer as training did
-  return loop.stage_model_config(c, dense, stage), tokenizer, c.data.get("normalization")
+def _export_mesh(mesh: Optional[jax.sharding.Mesh]) -> Optional[jax.sharding.Mesh]:
+  # One process: the default device, as ever. Several: the weights stay sharded (FSDP
+  # over every device) and are gathered one tensor at a time while writing.
+  if mesh is None and jax.process_count() > 1:
+    return mesh_lib.make_mesh({"fsdp": -1})
+  return mesh
 
 
 def to_hf(out_dir: str, *, workdir: Optional[str] = None, stage: int = 3, config: Any = None,
           vlm_config: Optional[str] = None, ckpt: Optional[str] = None,
           tokenizer: Optional[str] = None, normalization: Optional[str] = None,
-          **export_kw: Any) -> str:
-  """Exports `<workdir>/stage<stage>/final` or a converted checkpoint `ckpt`; returns the
+          mesh: Optional[jax.sharding.Mesh] = None, **export_kw: Any) -> str:
+  """Exports a training workdir's stage or a converted checkpoint `ckpt`; returns the
   layout written. The config: `vlm_config` (a VLMConfig JSON; `ckpt` has its own), else
-  the experiment config `config`, else the `config.json` that `train` wrote in `workdir`."""
+  the experiment config `config`, else the `config.json` that `train` wrote in `workdir`.
+  The parameters are restored onto `mesh` (several processes: the training mesh, or
+  FSDP over all devices) and written one tensor at a time (see `export_params`)."""
+  from moe_vlm.experiment import Experiment, load_params
+
   if ckpt:
-    params_dir = os.path.join(ckpt, "params")
-    vlm_config = vlm_config or os.path.join(ckpt, CONFIG_FILE)
+    cfg = load_config(vlm_config or os.path.join(ckpt, CONFIG_FILE))
     local = os.path.join(ckpt, "tokenizer")
     tokenizer = tokenizer or (local if os.path.isdir(local) else None)
+    params = load_params(os.path.join(ckpt, "params"), cfg, _export_mesh(mesh))
   elif workdir:
-    params_dir = os.path.join(workdir, f"stage{stage}", "final")
+    exp = Experiment.from_workdir(workdir, config)
+    if mesh is None and jax.process_count() > 1:
+      mesh = exp.mesh()
+    cfg = load_config(vlm_config) if vlm_config else exp.model_config(stage)
+    if tokenizer is None and not vlm_config:
+      tokenizer = exp.tokenizer
+    normalization = normalization or exp.settings.data.normalization
+    params = load_params(exp.final_dir(stage), cfg, mesh)
   else:
     raise ValueError("to_hf needs a workdir or a converted checkpoint (ckpt)")
-  if vlm_config:
-    cfg = load_config(vlm_config)
-  else:
-    if config is None:
-      import ml_collections
-      path = os.path.join(workdir or "", "config.json")
-      if not os.path.exists(path):
-        raise ValueError(f"no experiment config given and no {path}: pass one, or a "
-                         "VLMConfig JSON")
-      with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    cfg, tokenizer, norm = experiment_model(config, workdir or "", stage, tokenizer)
-    normalization = normalization or norm
-  return export_vlm(load_params_model(cfg, params_dir), out_dir, tokenizer=tokenizer,
-                    normalization=normalization, **export_kw)
+  return export_params(params_source(params), cfg, out_dir, tokenizer=tokenizer,
+                       normalization=normalization, **export_kw)
 
 
 def from_hf(hf_dir: str, out_dir: str, *, dtype: str = "float32",
-            image_token_id: Optional[int] = None) -> VLMConfig:
-  """An exported / HF / MoE-LLaVA directory -> a converted checkpoint in `out_dir`."""
-  from moe_vlm.train import checkpoint as ckpt_lib
+            image_token_id: Optional[int] = None, overwrite: bool = False) -> VLMConfig:
+  """An exported / HF / MoE-LLaVA directory -> a converted checkpoint in `out_dir`
+  (written into a temporary directory that becomes `out_dir` when complete; a non-empty
+  `out_dir` is replaced only with `overwrite`)."""
+  from moe_vlm import checkpoint as ckpt_lib
 
+  files.check_output_dir(os.path.abspath(out_dir), overwrite)
   model = import_vlm(hf_dir, dtype=dtype, image_token_id=image_token_id)
-  os.makedirs(out_dir, exist_ok=True)
-  ckpt_lib.save_params(os.path.join(out_dir, "params"),
-                       ckpt_lib.to_host(ParamCodec(model).flatten(model)))
-  save_config(model.cfg, os.path.join(out_dir, CONFIG_FILE))
-  names = [n for n in _TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
-  if names:
-    os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
-    for n in names:
-      shutil.copy2(os.path.join(hf_dir, n), os.path.join(out_dir, "tokenizer", n))
-  # The image mean/std the model was trained with, for inference on the checkpoint.
-  if os.path.exists(os.path.join(hf_dir, PROCESSOR_FILE)):
-    shutil.copy2(os.path.join(hf_dir, PROCESSOR_FILE), os.path.join(out_dir, PROCESSOR_FILE))
+  with files.output_dir(out_dir, overwrite=overwrite) as tmp:
+    ckpt_lib.save_params(os.path.join(tmp, "params"), ParamCodec(model).flatten(model))
+    if jax.process_index() == 0:
+      save_config(model.cfg, os.path.join(tmp, CONFIG_FILE))
+      names = [n for n in _TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
+      if names:
+        os.makedirs(os.path.join(tmp, "tokenizer"))
+        for n in names:
+          shutil.copy2(os.path.join(hf_dir, n), os.path.join(tmp, "tokenizer", n))
+      # The image mean/std the model was trained with, for inference on the checkpoint.
+      if os.path.exists(os.path.join(hf_dir, PROCESSOR_FILE)):
+        shutil.copy2(os.path.join(hf_dir, PROCESSOR_FILE), os.path.join(tmp, PROCESSOR_FILE))
   return model.cfg

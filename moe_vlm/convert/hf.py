@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_vlm.convert import keymap
+from moe_vlm.convert import keymap, safetensors_io
 from moe_vlm.convert.keymap import Rule
 from moe_vlm.models.config import ConfigError, MoEConfig, TextConfig, VisionConfig, VLMConfig
 
@@ -44,13 +44,11 @@ def to_numpy(tensor: Any) -> np.ndarray:
   return np.asarray(tensor)
 
 
-def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a checkpoint directory (sharded or single file) or one file."""
-  from safetensors.numpy import load_file
-
+def safetensors_files(path: str) -> list[str]:
+  """The safetensors files of a checkpoint directory (sharded or not), or `path` itself."""
   if os.path.isfile(path):
-    return dict(load_file(path))
-  index = os.path.join(path, "model.safetensors.index.json")
+    return [path]
+  index = os.path.join(path, safetensors_io.INDEX_FILE)
   if os.path.exists(index):
     with open(index) as f:
       files = sorted(set(json.load(f)["weight_map"].values()))
@@ -61,9 +59,18 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
     hint = (f" It has {bins}: pickled weights are not loaded (unsafe); convert them to "
             "safetensors first." if bins else "")
     raise ConversionError(f"{path}: no *.safetensors file found.{hint}")
+  return [os.path.join(path, f) for f in files]
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint directory (sharded or single file) or one file, read
+  lazily: memory-mapped, nothing is read until a tensor or a slice of it is used."""
   out: dict[str, np.ndarray] = {}
-  for name in files:
-    out.update(load_file(os.path.join(path, name)))
+  for file in safetensors_files(path):
+    try:
+      out.update(safetensors_io.read(file))
+    except safetensors_io.SafetensorsError as e:
+      raise ConversionError(str(e)) from None
   return out
 
 
@@ -351,12 +358,22 @@ def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def load_weights(model: nnx.Module, state: StateDict, rules: Sequence[Rule],
-                 ignore_prefixes: Iterable[str] = ()) -> None:
-  """Fills `model` in place from an HF state dict, strictly (see module docstring).
-  `model` may be abstract (`nnx.eval_shape`); it is concrete afterwards."""
-  ours = flat_params(model)
-  state = {k: to_numpy(v) for k, v in state.items()}
+def import_params(state: StateDict, rules: Sequence[Rule], shapes: Mapping[str, Any],
+                  shardings: Optional[Mapping[str, Any]] = None,
+                  ignore_prefixes: Iterable[str] = (), complete: bool = True
+                  ) -> dict[str, jax.Array]:
+  """Our flat parameters from an HF state dict, strictly (see module docstring).
+
+  shapes: our parameters' ShapeDtypeStructs (target shapes and dtypes);
+  shardings: each parameter's sharding: it is then created straight on the mesh, each
+    process reading only the slices its devices hold (with a memory-mapped state, only
+    those bytes); None: whole arrays on the default device.
+  complete: every parameter of `shapes` must be filled (False: only those the rules
+    name, for a part of a larger model).
+  Tensors are converted one at a time, never the whole checkpoint at once.
+  """
+  from moe_vlm.parallel import placement
+
   ignore = tuple(ignore_prefixes)
   missing_hf = sorted({k for r in rules for k in r.hf if k not in state})
   if missing_hf:
@@ -367,36 +384,56 @@ def load_weights(model: nnx.Module, state: StateDict, rules: Sequence[Rule],
   if extra:
     raise ConversionError(f"checkpoint has {len(extra)} tensors the model does not use, "
                           f"e.g. {extra[:5]} (wrong family or config?)")
-  filled = set()
+  out: dict[str, jax.Array] = {}
   for rule in rules:
-    values = rule.to_ours([state[k] for k in rule.hf])
+    values = rule.to_ours([to_numpy(state[k]) for k in rule.hf])
     for path, value in zip(rule.ours, values):
-      if path not in ours:
-        raise ConversionError(f"rule targets unknown parameter {path!r} (from {rule.hf[0]})")
-      var = ours[path]
-      if tuple(value.shape) != tuple(var.shape):
+      if path not in shapes:
+        raise ConversionError(f"{rule.hf[0]} -> {path}: the configured model has no such "
+                              "parameter; align the model config with the checkpoint")
+      want = shapes[path]
+      if tuple(value.shape) != tuple(want.shape):
         raise ConversionError(f"{rule.hf[0]} -> {path}: shape {tuple(value.shape)}, model "
-                              f"expects {tuple(var.shape)}")
-      if isinstance(var.get_value(), jax.ShapeDtypeStruct):
-        # A model from nnx.eval_shape (no memory spent on a random init): set, not write.
-        var.set_value(jnp.asarray(value, dtype=var.dtype))
+                              f"expects {tuple(want.shape)}")
+      if shardings is None:
+        out[path] = jnp.asarray(value, dtype=want.dtype)
       else:
-        var[...] = jnp.asarray(value, dtype=var.dtype)
-      filled.add(path)
-  unfilled = sorted(set(ours) - filled)
+        out[path] = placement.from_host(want.shape, want.dtype, shardings[path],
+                                        lambda index, v=value: v[index])
+  unfilled = sorted(set(shapes) - set(out)) if complete else []
   if unfilled:
     raise ConversionError(f"{len(unfilled)} model parameters have no source tensor, e.g. "
                           f"{unfilled[:5]}")
+  return out
+
+
+def load_weights(model: nnx.Module, state: StateDict, rules: Sequence[Rule],
+                 ignore_prefixes: Iterable[str] = ()) -> None:
+  """Fills `model` in place from an HF state dict, strictly (see `import_params`).
+  `model` may be abstract (`nnx.eval_shape`); it is concrete afterwards."""
+  ours = flat_params(model)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in ours.items()}
+  for path, value in import_params(state, rules, shapes, None, ignore_prefixes).items():
+    var = ours[path]
+    if isinstance(var.get_value(), jax.ShapeDtypeStruct):
+      # A model from nnx.eval_shape (no memory spent on a random init): set, not write.
+      var.set_value(value)
+    else:
+      var[...] = value
+
+
+def export_tensors(get: Callable[[str], np.ndarray],
+                   rules: Sequence[Rule]) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, numpy tensor) pairs, rule by rule: the inverse of `import_params`. `get`
+  returns one of our parameters on the host, so only one rule's tensors are ever held."""
+  for rule in rules:
+    yield from zip(rule.hf, rule.to_hf([get(p) for p in rule.ours]))
 
 
 def export_weights(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, np.ndarray]:
   """HF state dict (numpy) from `model`: the inverse of `load_weights`."""
   ours = flat_params(model)
-  out: dict[str, np.ndarray] = {}
-  for rule in rules:
-    values = rule.to_hf([np.asarray(ours[p][...]) for p in rule.ours])
-    out.update(zip(rule.hf, values))
-  return out
+  return dict(export_tensors(lambda p: np.asarray(ours[p][...]), rules))
 
 
 # ----------------------------------------------------------------- whole models
@@ -408,17 +445,53 @@ def _vision_prefix(state: StateDict, base: str) -> str:
   return nested if any(k.startswith(nested) for k in state) else base
 
 
+def vision_part(hf_config: Any) -> Any:
+  """The vision config of a vision directory: CLIPModel / SiglipModel directories hold a
+  text tower too."""
+  return getattr(hf_config, "vision_config", None) or hf_config
+
+
+def _vision_state(state: StateDict, hf_config: Any) -> StateDict:
+  if _get(hf_config, "model_type") in ("clip", "siglip"):  # both towers: keep the vision one
+    return {k[len("vision_model."):]: v for k, v in state.items()
+            if k.startswith("vision_model.")}
+  return state
+
+
+# Each source below is (state, rules, ignored key prefixes) for one kind of checkpoint:
+# the model-level importers and `import_pretrained_params` share them.
+
+
+def _text_source(state: StateDict, cfg: TextConfig, ours: str, hf_model: str, moe_layout: str):
+  state = fuse_unfused_experts(state)
+  ignore = ["lm_head."] if cfg.tie_embeddings else []
+  ignore += [k for k in state if ".shared_expert" in k]  # size-0 shared expert
+  return state, keymap.text_rules(cfg, ours, hf_model, "lm_head", moe_layout), ignore
+
+
+def _vision_source(state: StateDict, cfg: VisionConfig, ours: str):
+  prefix = _vision_prefix(state, "")
+  return state, keymap.vision_rules(cfg, ours, prefix), [f"{prefix}head."]
+
+
+def _llava_source(state: StateDict, cfg: VLMConfig, moe_layout: str):
+  state = fuse_unfused_experts(canonical_llava_keys(state))
+  vprefix = _vision_prefix(state, "model.vision_tower.")
+  ignore = [f"{vprefix}head."]
+  if cfg.text.tie_embeddings:
+    ignore.append("lm_head.")
+  ignore += [k for k in state if ".shared_expert" in k]
+  return state, keymap.llava_rules(cfg, vprefix, moe_layout), ignore
+
+
 def import_text(state: StateDict, hf_config: Any, *, dtype: str = "float32",
                 rngs: Optional[nnx.Rngs] = None, moe_layout: str = "qwen2_moe"):
   """*ForCausalLM (llama, qwen2, qwen2_moe, phi, stablelm) -> DecoderLM."""
   from moe_vlm.models.llm import DecoderLM
 
   cfg = text_config_from_hf(hf_config, dtype)
-  state = fuse_unfused_experts(state)
   model = DecoderLM(cfg, rngs=rngs or nnx.Rngs(0))
-  ignore = ["lm_head."] if cfg.tie_embeddings else []
-  ignore += [k for k in state if ".shared_expert" in k]  # size-0 shared expert, checked above
-  load_weights(model, state, keymap.text_rules(cfg, moe_layout=moe_layout), ignore)
+  load_weights(model, *_text_source(state, cfg, "", "model.", moe_layout))
   return model
 
 
@@ -429,8 +502,7 @@ def import_vision(state: StateDict, hf_config: Any, *, dtype: str = "float32",
 
   cfg = vision_config_from_hf(hf_config, dtype)
   model = VisionEncoder(cfg, rngs=rngs or nnx.Rngs(0))
-  prefix = _vision_prefix(state, "")
-  load_weights(model, state, keymap.vision_rules(cfg, "", prefix), [f"{prefix}head."])
+  load_weights(model, *_vision_source(state, cfg, ""))
   return model
 
 
@@ -440,14 +512,8 @@ def import_llava(state: StateDict, hf_config: Any, *, dtype: str = "float32",
   from moe_vlm.models.vlm import VLM
 
   cfg = vlm_config_from_hf(hf_config, dtype)
-  state = fuse_unfused_experts(canonical_llava_keys(state))
   model = VLM(cfg, rngs=rngs or nnx.Rngs(0))
-  vprefix = _vision_prefix(state, "model.vision_tower.")
-  ignore = [f"{vprefix}head."]
-  if cfg.text.tie_embeddings:
-    ignore.append("lm_head.")
-  ignore += [k for k in state if ".shared_expert" in k]
-  load_weights(model, state, keymap.llava_rules(cfg, vprefix, moe_layout), ignore)
+  load_weights(model, *_llava_source(state, cfg, moe_layout))
   return model
 
 
@@ -458,15 +524,34 @@ def import_pretrained(path: str, *, dtype: str = "float32", moe_layout: str = "q
   mt = hf_config.model_type
   if mt == "llava":
     model = import_llava(state, hf_config, dtype=dtype, moe_layout=moe_layout)
-  elif mt in ("clip_vision_model", "siglip_vision_model"):
-    model = import_vision(state, hf_config, dtype=dtype)
-  elif mt in ("clip", "siglip"):
-    sub = hf_config.vision_config
-    vstate = {k[len("vision_model."):]: v for k, v in state.items()
-              if k.startswith("vision_model.")}
-    model = import_vision(vstate, sub, dtype=dtype)
+  elif mt in ("clip_vision_model", "siglip_vision_model", "clip", "siglip"):
+    model = import_vision(_vision_state(state, hf_config), vision_part(hf_config), dtype=dtype)
   else:
     model = import_text(state, hf_config, dtype=dtype, moe_layout=moe_layout)
   return model, model.cfg
 
 
+PARTS = ("vision", "llm", "llava")
+
+
+def import_pretrained_params(path: str, cfg: VLMConfig, part: str, shapes: Mapping[str, Any],
+                             shardings: Optional[Mapping[str, Any]] = None,
+                             moe_layout: str = "qwen2_moe") -> dict[str, jax.Array]:
+  """A pretrained part of the VLM `cfg` from a local HF directory, as our flat parameters
+  (`vision.*`, `llm.*`, or the whole model for a LLaVA directory), each tensor read and
+  placed on its sharding on its own (see `import_params`); `cfg` must describe the
+  checkpoint's architecture (`moe_vlm.experiment.model_config` derives it from it)."""
+  if part not in PARTS:
+    raise ValueError(f"part={part!r}: expected one of {PARTS}")
+  hf_config = load_hf_config(path)
+  state = load_safetensors(path)
+  if part == "vision":
+    source = _vision_source(_vision_state(state, hf_config), cfg.vision, "vision.")
+  elif part == "llm":
+    source = _text_source(state, cfg.text, "llm.", "model.", moe_layout)
+  else:
+    source = _llava_source(state, cfg, moe_layout)
+  try:
+    return import_params(*source[:2], shapes, shardings, source[2], complete=part == "llava")
+  except ConversionError as e:
+    raise ConversionError(f"{path}: {e}") from None

@@ -35,13 +35,18 @@ def _transpose(a: Arrays) -> Arrays:
   return [np.ascontiguousarray(np.swapaxes(x, -1, -2)) for x in a]
 
 
+def _transpose_view(a: Arrays) -> Arrays:
+  # Import side: a view, so placing one shard of a memory-mapped tensor reads only it.
+  return [np.swapaxes(x, -1, -2) for x in a]
+
+
 def copy(ours: str, hf: str) -> Rule:
   return Rule((ours,), (hf,), _same, _same)
 
 
 def linear(ours: str, hf: str, bias: bool) -> list[Rule]:
   """A Dense layer: `<ours>.kernel` <-> `<hf>.weight` (transposed), optional bias."""
-  rules = [Rule((f"{ours}.kernel",), (f"{hf}.weight",), _transpose, _transpose)]
+  rules = [Rule((f"{ours}.kernel",), (f"{hf}.weight",), _transpose_view, _transpose)]
   if bias:
     rules.append(copy(f"{ours}.bias", f"{hf}.bias"))
   return rules
@@ -56,14 +61,14 @@ def norm(ours: str, hf: str, with_bias: bool) -> list[Rule]:
 
 def conv_patch(ours: str, hf: str) -> Rule:
   # torch Conv2d [out, in, kh, kw] <-> our HWIO [kh, kw, in, out].
-  return Rule((ours,), (hf,), lambda a: [np.ascontiguousarray(a[0].transpose(2, 3, 1, 0))],
+  return Rule((ours,), (hf,), lambda a: [a[0].transpose(2, 3, 1, 0)],
               lambda a: [np.ascontiguousarray(a[0].transpose(3, 2, 0, 1))])
 
 
 def _split_gate_up(a: Arrays) -> Arrays:
   fused = a[0]  # [E, 2F, D]: rows [0, F) are the gate, [F, 2F) the up projection
   f = fused.shape[1] // 2
-  return _transpose([fused[:, :f], fused[:, f:]])
+  return _transpose_view([fused[:, :f], fused[:, f:]])
 
 
 def _fuse_gate_up(a: Arrays) -> Arrays:
@@ -72,7 +77,7 @@ def _fuse_gate_up(a: Arrays) -> Arrays:
 
 
 def _stack(a: Arrays) -> Arrays:
-  return [np.stack(_transpose(a))]
+  return [np.stack(_transpose_view(a))]
 
 
 def _unstack(a: Arrays) -> Arrays:
@@ -103,14 +108,15 @@ def _moe_rules(cfg: TextConfig, moe: MoEConfig, o: str, h: str, layout: str) -> 
       raise ValueError("the qwen2_moe layout holds gated experts without bias only; "
                        f"this model's experts are {cfg.mlp!r} (bias={cfg.mlp_bias})")
     return [
-        Rule((f"{o}.router.kernel",), (f"{h}.gate.weight",), _transpose, _transpose),
+        Rule((f"{o}.router.kernel",), (f"{h}.gate.weight",), _transpose_view, _transpose),
         Rule((f"{o}.experts.wi_gate", f"{o}.experts.wi_up"), (f"{h}.experts.gate_up_proj",),
              _split_gate_up, _fuse_gate_up),
-        Rule((f"{o}.experts.wo",), (f"{h}.experts.down_proj",), _transpose, _transpose),
+        Rule((f"{o}.experts.wo",), (f"{h}.experts.down_proj",), _transpose_view, _transpose),
     ]
   if layout == "moe_llava":
     d = f"{h}.deepspeed_moe"
-    rules = [Rule((f"{o}.router.kernel",), (f"{d}.gate.wg.weight",), _transpose, _transpose)]
+    rules = [Rule((f"{o}.router.kernel",), (f"{d}.gate.wg.weight",), _transpose_view,
+                  _transpose)]
     if cfg.mlp == "gated":
       names = (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj"))
     else:

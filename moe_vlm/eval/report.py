@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -21,10 +22,13 @@ from flax import nnx
 from moe_vlm.data import templates
 from moe_vlm.eval import runner
 from moe_vlm.eval.metrics import exact_match, pope_metrics
+from moe_vlm.experiment import Experiment
+from moe_vlm.files import write_json, write_text
 from moe_vlm.infer.generate import left_pad
-from moe_vlm.infer.load import load_stage_model
 from moe_vlm.models.config import VLMConfig
 from moe_vlm.models.vlm import VLM
+from moe_vlm.parallel import mesh as mesh_lib
+from moe_vlm.parallel import placement
 
 
 def _records(path: str, limit: int) -> list[dict]:
@@ -43,9 +47,21 @@ def _routing_stats(model: VLM, ids, pixels, mask) -> dict:
   return {k: aux[k] for k in _ROUTING_KEYS}
 
 
+def routing_stats(model: VLM, ids: np.ndarray, pixels: np.ndarray, mask: np.ndarray,
+                  mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, np.ndarray]:
+  """Per-expert token counts of one prompt batch (on `mesh` when the model is there)."""
+  if mesh is None:
+    stats = _routing_stats(model, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
+  else:
+    with mesh_lib.activation_sharding(mesh):
+      stats = _routing_stats(model, *(mesh_lib.place_batch(x, mesh) for x in (ids, pixels, mask)))
+  return {k: placement.host_value(v) for k, v in stats.items()}
+
+
 def answer_questions(model: VLM, records: list[dict], tokenizer: Any, cfg: VLMConfig, *,
                      data_dir: str, template: str, normalization: str, batch_size: int,
-                     max_new_tokens: int) -> tuple[list[str], dict[str, np.ndarray]]:
+                     max_new_tokens: int, mesh: Optional[jax.sharding.Mesh] = None
+                     ) -> tuple[list[str], dict[str, np.ndarray]]:
   """Greedy answers to each record's first human turn, and summed routing statistics."""
   prompts = [templates.encode_prompt(r["conversations"][:1], tokenizer, template,
                                      num_image_tokens=cfg.num_image_tokens,
@@ -56,21 +72,21 @@ def answer_questions(model: VLM, records: list[dict], tokenizer: Any, cfg: VLMCo
   def add_routing(batch: runner.Batch) -> None:
     ids, mask = left_pad(batch.prompts, templates.pad_id(tokenizer), batch.prompt_length)
     mask[batch.size:] = 0  # filler rows add nothing to the statistics
-    stats = _routing_stats(model, jnp.asarray(ids), jnp.asarray(batch.pixels), jnp.asarray(mask))
-    for key, value in stats.items():
-      routing[key] = routing[key] + np.asarray(value)
+    for key, value in routing_stats(model, ids, batch.pixels, mask, mesh).items():
+      routing[key] = routing[key] + value
 
   tokens = runner.generate_batches(
       model, tokenizer, prompts, lambda i: load(records[i].get("image")), batch_size=batch_size,
-      max_new_tokens=max_new_tokens, on_batch=add_routing if cfg.text.moe is not None else None)
+      max_new_tokens=max_new_tokens, on_batch=add_routing if cfg.text.moe is not None else None,
+      mesh=mesh)
   return runner.decode(tokenizer, tokens), dict(routing)
 
 
 def evaluate(model: VLM, cfg: VLMConfig, tokenizer: Any, c: ml_collections.ConfigDict,
-             data_dir: str) -> dict[str, Any]:
+             data_dir: str, mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
   kw = dict(tokenizer=tokenizer, cfg=cfg, data_dir=data_dir, template=c.stages.stage3.template,
             normalization=c.data.normalization, batch_size=c.eval.batch_size,
-            max_new_tokens=c.eval.max_new_tokens)
+            max_new_tokens=c.eval.max_new_tokens, mesh=mesh)
   qa = _records(os.path.join(data_dir, c.data.eval_file), c.eval.max_examples)
   answers, routing = answer_questions(model, qa, **kw)
   by_type = collections.defaultdict(list)
@@ -100,28 +116,25 @@ def stage_report(c: ml_collections.ConfigDict, workdir: str, *,
                  routing_plots: Optional[bool] = None) -> str:
   """Evaluates stage 2 and stage 3 finals; writes report.json/.md; returns the markdown.
 
-  With `routing_plots` (default: config eval.routing_plots, else on) the stage-3 routing
-  figures go to <workdir>/routing_image_text.png, routing_top1_heatmap.png and
-  routing_modality_mix.png (prompt tokens of the held-out questions).
+  With `routing_plots` (default: config eval.routing_plots) the stage-3 routing figures
+  go to <workdir>/routing_image_text.png, routing_top1_heatmap.png and
+  routing_modality_mix.png (prompt tokens of the held-out questions). With several
+  processes the models stay on the training mesh; every process evaluates (the same
+  questions: the batches are split over the mesh) and process 0 writes the files.
   """
-  from moe_vlm.train import loop
-
-  data_dir, tokenizer = loop.prepare_data(c, workdir)
-  dense = loop.model_config(c, tokenizer)
-  results = {}
-  cfgs = {}
+  exp = Experiment(c, workdir)
+  mesh = exp.mesh() if jax.process_count() > 1 else None
+  results, cfgs = {}, {}
   for k in (2, 3):
-    cfgs[k] = loop.stage_model_config(c, dense, k)
-    results[f"stage{k}"] = evaluate(load_stage_model(workdir, k, cfgs[k]), cfgs[k], tokenizer, c,
-                                    data_dir)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(results, f, indent=2)
+    cfgs[k] = exp.model_config(k)
+    results[f"stage{k}"] = evaluate(exp.load_model(k, mesh), cfgs[k], exp.tokenizer, c,
+                                    exp.data_dir, mesh)
   md = to_markdown(results, c)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(md)
+  write_json(exp.path("report.json"), results)
+  write_text(exp.path("report.md"), md)
   if routing_plots is None:
-    routing_plots = c.eval.get("routing_plots", True)
-  if routing_plots and results["stage3"].get("routing"):
+    routing_plots = exp.settings.eval.routing_plots
+  if routing_plots and results["stage3"].get("routing") and jax.process_index() == 0:
     from moe_vlm.eval import routing
     routing.write_plots(routing.shares_from_report(results["stage3"]["routing"]),
                         cfgs[3].text.moe_layers(), workdir)

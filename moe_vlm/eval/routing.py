@@ -33,6 +33,8 @@ import numpy as np
 from flax import nnx
 
 from moe_vlm.models.moe import IMAGE, PAD, TEXT, Router, top_k_gating
+from moe_vlm.parallel import mesh as mesh_lib
+from moe_vlm.parallel import placement
 
 # Token modalities are the model's own codes (moe.IMAGE, moe.TEXT, moe.PAD). The count
 # arrays' modality axis holds MODALITIES in this order: slot i counts code CODES[i].
@@ -82,15 +84,17 @@ def _choices(graphdef, state, ids, pixels, mask, paths, top_k):
 
 
 def router_choices(model: nnx.Module, ids: np.ndarray, pixels: Optional[np.ndarray],
-                   mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Router logits [n_moe, B, L, E] (fp32) and top-k experts [n_moe, B, L, k]."""
+                   mask: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Router logits [n_moe, B, L, E] (fp32) and top-k experts [n_moe, B, L, k]. With
+  `mesh` (the model's parameters on it), the batch is placed there too."""
   paths = router_paths(model)
   graphdef, state = nnx.split(model)
   top_k = model.cfg.text.moe.top_k
-  logits, idx = _choices(graphdef, state, jnp.asarray(ids),
-                         None if pixels is None else jnp.asarray(pixels), jnp.asarray(mask),
-                         paths, top_k)
-  return np.asarray(logits), np.asarray(idx)
+  place = jnp.asarray if mesh is None else lambda x: mesh_lib.place_batch(x, mesh)
+  logits, idx = _choices(graphdef, state, place(ids),
+                         None if pixels is None else place(pixels), place(mask), paths, top_k)
+  return placement.host_value(logits), placement.host_value(idx)
 
 
 def modality_of(ids: np.ndarray, mask: np.ndarray, image_token_id: int) -> np.ndarray:
@@ -163,11 +167,13 @@ class RoutingCounter:
   """Feeds batches through `router_choices` and accumulates `RoutingStats`."""
 
   def __init__(self, model: nnx.Module, *, image_token_id: int, num_examples: int = 4,
-               token_text: Optional[Callable[[int], str]] = None):
+               token_text: Optional[Callable[[int], str]] = None,
+               mesh: Optional[jax.sharding.Mesh] = None):
     paths = router_paths(model)
     moe = model.cfg.text.moe
     n, e = len(paths), moe.num_experts
     self.model = model
+    self.mesh = mesh
     self.image_token_id = image_token_id
     self.num_examples = num_examples
     self.token_text = token_text or str
@@ -180,7 +186,7 @@ class RoutingCounter:
           rows: Optional[int] = None) -> np.ndarray:
     """Counts the first `rows` rows of a batch (the rest are shape filler); returns the
     top-k choices [n_moe, B, L, k] for callers that look further."""
-    _, idx = router_choices(self.model, ids, pixels, mask)
+    _, idx = router_choices(self.model, ids, pixels, mask, self.mesh)
     counted = np.asarray(mask).copy()
     if rows is not None:
       counted[rows:] = 0  # after the forward pass: filler rows still run unmasked

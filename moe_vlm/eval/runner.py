@@ -56,12 +56,14 @@ def pixels_loader(image_root: str, image_size: int,
 def generate_batches(model: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
                      pixels_of: Callable[[int], np.ndarray], *, batch_size: int,
                      max_new_tokens: int, stop_ids: Sequence[int] = (),
-                     on_batch: Optional[Callable[[Batch], None]] = None) -> list[list[int]]:
+                     on_batch: Optional[Callable[[Batch], None]] = None,
+                     mesh: Any = None) -> list[list[int]]:
   """Greedy answers (token ids, eos excluded) for every prompt, `batch_size` at a time.
 
   `pixels_of(i)` loads prompt i's image lazily (one batch of images in memory at a time);
   `on_batch` sees each batch after decoding (routing statistics use it). Decoding stops
   at eos; answers are also cut at any of `stop_ids` (chat templates' end-of-turn marks).
+  With `mesh` (the model's parameters placed on it) the batch is split over it too.
   """
   if not prompts:
     return []
@@ -76,7 +78,7 @@ def generate_batches(model: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
     pixels = [pixels_of(i) for i in idx]
     pixels = np.stack(pixels + [pixels[-1]] * fill)
     new = greedy_generate(model, rows, pixels, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
-                          max_new_tokens=max_new_tokens, prompt_length=length)
+                          max_new_tokens=max_new_tokens, prompt_length=length, mesh=mesh)
     new = [_until(row, stops) for row in new]
     out += new[:len(idx)]
     if on_batch is not None:
@@ -109,5 +111,5 @@ def answer(im: InferenceModel, questions: Sequence[Question], *, image_root: str
 
   tokens = generate_batches(im.model, im.tokenizer, prompts, pixels_of, batch_size=batch_size,
                             max_new_tokens=max_new_tokens, stop_ids=im.stop_ids,
-                            on_batch=on_batch)
+                            on_batch=on_batch, mesh=im.mesh)
   return [im.decode(t) for t in tokens]

@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -128,15 +129,13 @@ def run(im: InferenceModel, questions: Sequence[Question], settings: Settings, o
                                    "stage is dense")
     counter = routing_lib.RoutingCounter(
         im.model, image_token_id=im.cfg.image_token_id, num_examples=settings.num_path_tokens,
-        token_text=lambda t: im.tokenizer.decode([t]))
+        token_text=lambda t: im.tokenizer.decode([t]), mesh=im.mesh)
   hook = (_routing_hook(counter, im.pad_id, settings.max_new_tokens)
           if counter is not None else None)
   answers = runner.answer(im, questions, image_root=settings.image_root,
                           batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
                           on_batch=hook)
   answers_path = os.path.join(out_dir, "answers.jsonl")
-  questions_lib.write_jsonl(answers_path,
-                            questions_lib.answer_records(questions, answers, settings.model_id))
   results: dict[str, Any] = {"task": settings.task, "model_id": settings.model_id,
                              "questions": questions_path, "num_questions": len(questions),
                              "answers": answers_path, **(extra or {})}
@@ -148,6 +147,10 @@ def run(im: InferenceModel, questions: Sequence[Question], settings: Settings, o
     results.update(scored, metric=("official VQA: min(#matches/3, 1) averaged over "
                                    "leave-one-annotator-out subsets" if settings.leave_one_out
                                    else "min(#matches/3, 1)"))
+  if jax.process_index() != 0:  # every process answered (one sharded model); 0 writes
+    return results
+  questions_lib.write_jsonl(answers_path,
+                            questions_lib.answer_records(questions, answers, settings.model_id))
   if counter is not None:
     results["routing"] = routing_lib.write(counter.stats, out_dir, plots=settings.plots)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -173,9 +176,11 @@ def evaluate_workdir(workdir: str, *, task: str, questions_path: str, out_dir: s
   config defaults to <workdir>/config.json; image_root to the config's image folder or
   data directory; batch_size / max_new_tokens (0) to the config's eval settings.
   """
+  from moe_vlm.experiment import Experiment
   from moe_vlm.infer import load
 
-  c = load.load_config(workdir, config)
+  exp = Experiment.from_workdir(workdir, config)
+  c = exp.config
   im = load.load(workdir, stage, c)
   if template:
     im = dataclasses.replace(im, template=template)
@@ -184,8 +189,7 @@ def evaluate_workdir(workdir: str, *, task: str, questions_path: str, out_dir: s
     questions = [dataclasses.replace(q, text=f"{q.text}\n{prompt_suffix}") for q in questions]
   settings = Settings(
       task=task,
-      image_root=(image_root or c.data.get("image_root") or c.data.dir or
-                  os.path.join(workdir, "data")),
+      image_root=image_root or exp.image_root,
       batch_size=batch_size or c.eval.batch_size,
       max_new_tokens=max_new_tokens or c.eval.max_new_tokens,
       model_id=model_id or f"{os.path.basename(os.path.abspath(workdir))}/stage{stage}",

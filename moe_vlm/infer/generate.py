@@ -38,6 +38,7 @@ from moe_vlm.parallel.mesh import constrain
 from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import ImageTokenError, check_image_tokens
 from moe_vlm.parallel import mesh as mesh_lib
+from moe_vlm.parallel import placement
 
 Array = jax.Array
 
@@ -208,15 +209,10 @@ def shard_model(model, mesh: jax.sharding.Mesh,
 
 
 def _place(x: Optional[np.ndarray], mesh: Optional[jax.sharding.Mesh]) -> Optional[Array]:
-  """Host array -> device array, split over the mesh's batch axes when they divide it."""
+  """Host array -> device array (split over the mesh's batch axes when they divide it)."""
   if x is None:
     return None
-  if mesh is None:
-    return jnp.asarray(x)
-  ways = mesh_lib.axis_size(mesh, mesh_lib.BATCH_AXES)
-  sharding = (mesh_lib.batch_sharding(mesh, np.ndim(x)) if x.shape[0] % ways == 0 else
-              jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  return jax.device_put(np.asarray(x), sharding)
+  return jnp.asarray(x) if mesh is None else mesh_lib.place_batch(x, mesh)
 
 
 def _static(config: GenerationConfig, return_logits: bool) -> dict[str, Any]:
@@ -257,6 +253,10 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
     tokens, logits = _generate(model, _place(ids, mesh), _place(mask, mesh),
                                _place(pixels, mesh), rng, config.knobs(),
                                **_static(config, return_logits))
+  if mesh is not None and not tokens.is_fully_addressable:
+    # Rows split over other processes' devices: every process gets all of them (small).
+    tokens = placement.host_value(tokens)
+    logits = None if logits is None else placement.host_value(logits)
   return (tokens, logits) if return_logits else tokens
 
 
@@ -304,9 +304,10 @@ def left_pad(prompts: Sequence[np.ndarray], pad_id: int, length: int) -> tuple[n
 
 
 def greedy_generate(model, prompts: Sequence[np.ndarray], pixels: np.ndarray, *, pad_id: int,
-                    eos_id: int, max_new_tokens: int, prompt_length: int) -> list[list[int]]:
+                    eos_id: int, max_new_tokens: int, prompt_length: int,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> list[list[int]]:
   """New tokens per prompt (up to, excluding, eos). `pixels` [B, H, W, 3] row-aligned."""
   ids, mask = left_pad(prompts, pad_id, prompt_length)
   tokens = generate(model, ids, mask, pixels, max_new_tokens=max_new_tokens,
-                    eos_ids=(eos_id,), pad_id=eos_id)
+                    eos_ids=(eos_id,), pad_id=eos_id, mesh=mesh)
   return until_stop(tokens, (eos_id,))

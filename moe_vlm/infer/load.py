@@ -1,11 +1,11 @@
 """A trained model, its tokenizer and its prompt format, rebuilt from a workdir or from
 a converted checkpoint.
 
-Everything that turns `<workdir>/stage<k>/final` (or a `moe-vlm convert from-hf`
-output directory) back into something that answers questions lives here, so the `generate` / `chat` commands and evaluation code share it:
-the model config comes from the experiment config exactly as training derived it
-(`loop.model_config` / `loop.stage_model_config`), the tokenizer from where training
-found it, and the conversation template from the stage's config.
+Everything that turns a training workdir's stage (through `moe_vlm.experiment`) or a
+`moe-vlm convert from-hf` output directory back into something that answers questions
+lives here, so the `generate` / `chat` commands and evaluation code share it. With a
+mesh, the parameters are restored straight onto their shardings (every process reads
+only its shards), which a model too large for one device, or a multi-host run, needs.
 """
 
 from __future__ import annotations
@@ -18,47 +18,18 @@ from typing import Any, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from moe_vlm.data import images as images_lib
 from moe_vlm.data import templates
 from moe_vlm.data import tokenizer as tokenizer_lib
+from moe_vlm.experiment import Experiment, load_params
 from moe_vlm.models.config import VLMConfig
-from moe_vlm.models.params import ParamCodec
 from moe_vlm.models.vlm import VLM
-from moe_vlm.train import checkpoint as ckpt_lib
+from moe_vlm.parallel import mesh as mesh_lib
+from moe_vlm.parallel import placement
 
 # End-of-turn markers of common chat templates: with `hf_chat` they end an answer too.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-
-
-def load_config(workdir: str,
-                config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
-  """The experiment config: `config` when given, else the `config.json` training wrote."""
-  if config is not None:
-    return config
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found; pass the experiment config (--config)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def tokenizer_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where training loaded the tokenizer from (mirrors `loop.prepare_data`, which would
-  also generate the synthetic data set: inference must not)."""
-  data_dir = c.data.dir or os.path.join(workdir, "data")
-  return c.data.tokenizer or c.init.hf_llm or os.path.join(data_dir, "tokenizer")
-
-
-def load_stage_model(workdir: str, stage: int, cfg: VLMConfig) -> VLM:
-  """`<workdir>/stage<stage>/final` as a VLM of config `cfg`."""
-  final = os.path.join(workdir, f"stage{stage}", "final")
-  if not ckpt_lib.has_params(final):
-    raise FileNotFoundError(f"{final} holds no parameters: stage {stage} has not finished "
-                            "in this workdir")
-  codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-  return codec.merge(ckpt_lib.load_params(final, codec.shapes))
 
 
 @dataclasses.dataclass
@@ -108,19 +79,19 @@ class InferenceModel:
 
 
 def load(workdir: str, stage: int = 3,
-         config: Optional[ml_collections.ConfigDict] = None) -> InferenceModel:
-  """Rebuilds stage `stage`'s model from a workdir (config: see `load_config`)."""
-  from moe_vlm.train import loop  # the training driver owns config -> model config
-
+         config: Optional[ml_collections.ConfigDict] = None,
+         mesh: Optional[jax.sharding.Mesh] = None) -> InferenceModel:
+  """Stage `stage`'s model of a training workdir (its config.json, or `config`), on
+  `mesh` when given."""
+  exp = Experiment.from_workdir(workdir, config)
   if stage not in (1, 2, 3):
     raise ValueError(f"stage={stage}: MoE-Tuning has stages 1, 2 and 3")
-  c = load_config(workdir, config)
-  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir(c, workdir))
-  cfg = loop.stage_model_config(c, loop.model_config(c, tokenizer), stage)
-  return InferenceModel(model=load_stage_model(workdir, stage, cfg), cfg=cfg,
-                        tokenizer=tokenizer, template=c.stages[f"stage{stage}"].template,
-                        normalization=c.data.normalization,
-                        add_bos=bool(c.data.get("add_bos", False)))
+  if mesh is None and jax.process_count() > 1:
+    mesh = exp.mesh()  # several processes hold one model: the training layout
+  data = exp.settings.data
+  return InferenceModel(model=exp.load_model(stage, mesh), cfg=exp.model_config(stage),
+                        tokenizer=exp.tokenizer, template=exp.stage(stage).template,
+                        normalization=data.normalization, add_bos=data.add_bos, mesh=mesh)
 
 
 # MoE-LLaVA picks the conversation template by the LLM family (its `conv_mode`).
@@ -156,12 +127,15 @@ def checkpoint_normalization(ckpt: str, cfg: VLMConfig) -> images_lib.Normalizat
 
 
 def load_checkpoint(ckpt: str, *, template: Optional[str] = None,
-                    tokenizer: Optional[str] = None, add_bos: bool = False) -> InferenceModel:
+                    tokenizer: Optional[str] = None, add_bos: bool = False,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> InferenceModel:
   """A converted checkpoint (`moe-vlm convert from-hf` output: params/,
   moe_vlm_config.json, tokenizer/, preprocessor_config.json) ready to answer.
 
   template: the conversation template (default: `default_template`);
-  tokenizer: a tokenizer directory (default: `<ckpt>/tokenizer`).
+  tokenizer: a tokenizer directory (default: `<ckpt>/tokenizer`);
+  mesh: where the parameters go (default: one device; with several processes, FSDP
+    over all devices).
   """
   from moe_vlm.convert import export
 
@@ -179,6 +153,10 @@ def load_checkpoint(ckpt: str, *, template: Optional[str] = None,
   template = template or default_template(tok, cfg)
   if template not in templates.TEMPLATES:
     raise ValueError(f"template={template!r}: expected one of {', '.join(templates.TEMPLATES)}")
-  model = export.load_params_model(cfg, os.path.join(ckpt, "params"))
-  return InferenceModel(model=model, cfg=cfg, tokenizer=tok, template=template,
-                        normalization=checkpoint_normalization(ckpt, cfg), add_bos=add_bos)
+  if mesh is None and jax.process_count() > 1:
+    mesh = mesh_lib.make_mesh({"fsdp": -1})
+  params = load_params(os.path.join(ckpt, "params"), cfg, mesh)
+  return InferenceModel(model=placement.abstract_codec(cfg).merge(params), cfg=cfg,
+                        tokenizer=tok, template=template,
+                        normalization=checkpoint_normalization(ckpt, cfg), add_bos=add_bos,
+                        mesh=mesh)
