@@ -10,6 +10,7 @@ absent. Restoring takes the target shardings, so a run may resume on another mes
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -17,6 +18,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from moe_vlm.files import sync
+
+log = logging.getLogger("moe_vlm")
 
 
 def as_path(directory: str) -> epath.Path:
@@ -60,6 +65,28 @@ class StageCheckpoints:
         state=ocp.args.StandardRestore(_abstract(state_like, shardings)),
         extras=ocp.args.JsonRestore()))
     return out.state, dict(out.extras)
+
+  def restore_newest(self, state_like: Any, shardings: Any = None) -> tuple[Any, dict]:
+    """The newest checkpoint that restores. One that cannot be read (a partial copy, a
+    damaged file) is named in a warning, moved aside to `corrupt-<step>` (kept for
+    inspection; a later save may then reuse its step) and the previous one is tried."""
+    from moe_vlm.distributed import sum_over_processes
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        out, failed = self.restore(state_like, shardings, step), 0
+      except Exception as e:  # Orbax / TensorStore raise many kinds for a damaged file
+        out, failed, error = None, 1, e
+      if not sum_over_processes(np.asarray([failed]))[0]:  # every process read it
+        return out
+      where = self.directory / str(step)
+      log.warning("checkpoint %s cannot be restored (%s); falling back to the previous one",
+                  where, str(error if failed else "another process failed").splitlines()[0])
+      if jax.process_index() == 0:
+        where.rename(self.directory / f"corrupt-{step}")
+      sync("moe_vlm: corrupt checkpoint moved aside")
+      self.manager.reload()
+    raise RuntimeError(f"no checkpoint in {self.directory} can be restored (see the "
+                       "warnings above); move the directory away to start the stage again")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

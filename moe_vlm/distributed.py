@@ -6,6 +6,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 
 def _on_multihost_tpu() -> bool:
@@ -44,3 +45,27 @@ def maybe_initialize() -> None:
     return
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def sum_over_processes(values) -> np.ndarray:
+  """Elementwise sum of a small host array over all processes (every process calls)."""
+  values = np.asarray(values)
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
+
+
+def gather_json(obj) -> list:
+  """`obj` (JSON-able) of every process, in process order (every process calls): small
+  host data such as the records a process found bad."""
+  import json
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:n])) for row, n in zip(rows, sizes)]

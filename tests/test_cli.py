@@ -64,3 +64,17 @@ def test_no_command_prints_the_command_list():
   assert proc.returncode == 2
   for command in cli.COMMANDS:
     assert command in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.stages.stage1.steps=-5", "stages.stage1.steps=-5: expected >= 0"),
+    ("--config.stages.stage2.learning_rate=-0.001",
+     "stages.stage2.learning_rate=-0.001: expected > 0"),
+])
+def test_train_refuses_bad_settings_before_writing_anything(tmp_path, override, message):
+  workdir = tmp_path / "run"
+  proc = _run("train", f"--config={ROOT}/configs/synthetic_tiny.py", f"--workdir={workdir}",
+              override)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert message in proc.stderr
+  assert not workdir.exists()

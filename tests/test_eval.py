@@ -435,6 +435,12 @@ def test_eval_vqa_on_a_workdir(trained):
   assert set(results["categories"]) == {q["category"] for q in qs}
   assert "| all | 5 |" in open(os.path.join(out, "results.md")).read()
   assert not os.path.exists(os.path.join(out, "routing.json"))
+  # The filled output directory is a user's now: a second run needs overwrite=True.
+  from moe_vlm.files import OutputExistsError
+  with pytest.raises(OutputExistsError, match="--overwrite"):
+    tasks.evaluate_workdir(workdir, task="vqa", questions_path=questions, out_dir=out)
+  tasks.evaluate_workdir(workdir, task="vqa", questions_path=questions, out_dir=out,
+                         stage=2, max_new_tokens=3, overwrite=True)
 
 
 def test_routing_task_on_the_synthetic_list_format(trained):

@@ -420,6 +420,16 @@ def test_convert_command_end_to_end(tmp_root, tmp_path):
   assert chat.stdout.count("ASSISTANT:") == 1
   with pytest.raises(FileNotFoundError, match="not a converted checkpoint"):
     load_lib.load_checkpoint(wd)
+  # A tokenizer that is not the model's is named at load, before any generation.
+  from tokenizers import Tokenizer, models
+  foreign = str(tmp_path / "foreign_tok")
+  vocab = {"<unk>": 0, "</s>": 1, "<image>": 2, "a": 3}
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+      unk_token="<unk>", eos_token="</s>").save_pretrained(foreign)
+  assert cfg.image_token_id != 2
+  with pytest.raises(load_lib.TokenizerMismatch, match="maps <image> to 2"):
+    load_lib.load_checkpoint(ckpt, tokenizer=foreign, template=from_wd.template)
 
 
 def test_sharded_export_loads_everywhere(tmp_path):

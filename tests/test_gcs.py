@@ -218,15 +218,19 @@ def test_training_run_logs_checkpoints_and_resumes_on_gcs(gcs, tmp_path, monkeyp
   # Killed after step 3: the step-2 checkpoint (state, data position, counters) is on GCS.
   loop.train(c, workdir, stages=(1,), stop_after=3)
   assert {n.split("/")[0] for n in blobs(gcs, "run/stage1/checkpoints/")} == {"2"}
+  metrics = gcs.bucket(BUCKET).blob("run/stage1/metrics.jsonl")
+  killed = [json.loads(l) for l in metrics.download_as_text().splitlines()]
+  assert [l["step"] for l in killed] == [1, 2, 3]
   exp = loop.train(c, workdir, stages=(1,))  # resumes from gs://.../checkpoints/2
   final = {k: np.asarray(v) for k, v in exp.load_params(1).items()}
 
   assert not os.path.exists(tmp_path / "gs:")
   lines = [json.loads(l) for l in
            gcs.bucket(BUCKET).blob("run/stage1/metrics.jsonl").download_as_text().splitlines()]
-  assert [l["step"] for l in lines] == [1, 2, 3, 3, 4]  # step 3 lost in the kill, redone
+  # Step 3 was lost in the kill and redone: its line is replaced, not repeated.
+  assert [l["step"] for l in lines] == [1, 2, 3, 4]
   # Same state and same batch after the restore: the redone step has the same loss.
-  np.testing.assert_allclose(lines[3]["loss"], lines[2]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(lines[2]["loss"], killed[2]["loss"], rtol=1e-5)
   assert read_json(gcs, "run/stage1/bad_samples.json")["samples"] == 4 * 8  # counters restored
   assert read_json(gcs, "run/config.json")["stages"]["stage1"]["steps"] == 4
   assert {n.split("/")[0] for n in blobs(gcs, "run/stage1/checkpoints/")} == {"2", "4"}

@@ -181,13 +181,18 @@ def test_answers_replace_the_file_only_when_complete(tiny, tmp_path, monkeypatch
     return real_generate(*args, **kw)
 
   monkeypatch.setattr(vqa, "generate", failing_generate)
-  with pytest.raises(RuntimeError, match="device lost"):
+  # An existing answers file is replaced only when asked (checked before model work).
+  with pytest.raises(vqa.OutputExistsError, match="--overwrite"):
     _answer(im, qpath, apath, images, batch_size=2)
+  assert not calls
+  _untouched(apath)
+  with pytest.raises(RuntimeError, match="device lost"):
+    _answer(im, qpath, apath, images, batch_size=2, overwrite=True)
   assert len(calls) == 2  # the first batch's answers were written, to the temporary file
   _untouched(apath)
   monkeypatch.undo()
 
-  assert _answer(im, qpath, apath, images, batch_size=2) == 4
+  assert _answer(im, qpath, apath, images, batch_size=2, overwrite=True) == 4
   lines = [json.loads(l) for l in open(apath)]
   assert [l["question_id"] for l in lines] == ["q0", "q1", "q2", "t"]
   assert all(l["model_id"] == "tiny" and isinstance(l["text"], str) for l in lines)

@@ -127,6 +127,82 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
 
   assert len(losses(full)) == 6
   np.testing.assert_allclose(losses(cut), losses(full), rtol=1e-5)
+  # metrics.jsonl continues from the restored step: the lost step 3 is not repeated.
+  steps = [json.loads(l)["step"] for l in open(os.path.join(cut, "stage1", "metrics.jsonl"))]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  # A rerun that asks for another length than the stage ran is refused, not relabelled.
+  c.stages.stage1.steps = 3
+  with pytest.raises(loop.StageSettingsError, match="finished at step 6"):
+    loop.train(c, cut, stages=(1,))
+
+
+def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
+  c = tiny_config()
+  c.stages.stage1.steps = 6
+  full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+  loop.train(c, full, stages=(1,))
+  loop.train(c, cut, stages=(1,), stop_after=5)  # checkpoints at steps 2 and 4
+  latest = os.path.join(cut, "stage1", "checkpoints", "4")
+  damaged = 0
+  for root, _, names in os.walk(os.path.join(latest, "state")):
+    for name in names:
+      if "/d" in root or name.startswith("manifest"):  # the array data of the state
+        open(os.path.join(root, name), "wb").write(b"not a checkpoint")
+        damaged += 1
+  assert damaged
+  c.stages.stage1.steps = 3
+  with pytest.raises(loop.StageSettingsError, match="holds step 4 but the stage now has 3"):
+    loop.train(c, cut, stages=(1,))
+  c.stages.stage1.steps = 6
+  with caplog.at_level("WARNING", logger="moe_vlm"):
+    loop.train(c, cut, stages=(1,))
+  assert any("checkpoints/4 cannot be restored" in r.getMessage() for r in caplog.records)
+  assert os.path.isdir(os.path.join(cut, "stage1", "checkpoints", "corrupt-4"))
+  full_losses = [json.loads(l)["loss"] for l in open(os.path.join(full, "stage1",
+                                                                   "metrics.jsonl"))]
+  cut_lines = [json.loads(l) for l in open(os.path.join(cut, "stage1", "metrics.jsonl"))]
+  assert [l["step"] for l in cut_lines] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([l["loss"] for l in cut_lines], full_losses, rtol=1e-5)
+
+
+def _bad_data(root, n=16, bad=5, two_images=1):
+  """A LLaVA JSON data set whose first `bad` records name a missing image and whose last
+  `two_images` records have two <image> placeholders in one turn."""
+  from PIL import Image
+  os.makedirs(os.path.join(root, "images"), exist_ok=True)
+  Image.new("RGB", (32, 32), (200, 30, 30)).save(os.path.join(root, "images", "red.png"))
+  records = []
+  for i in range(n):
+    image = f"images/missing{i}.png" if i < bad else "images/red.png"
+    question = "<image>\n<image>\nWhat colour?" if i >= n - two_images else "<image>\nWhat colour?"
+    records.append({"id": f"rec{i}", "image": image, "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": "red"}]})
+  with open(os.path.join(root, "train.json"), "w") as f:
+    json.dump(records, f)
+
+
+def test_a_short_run_with_many_bad_samples_stops_and_names_them(tmp_path):
+  from moe_vlm.data import synthetic, tokenizer as tokenizer_lib
+  data = str(tmp_path / "data")
+  synthetic.generate(data, num_images=8, image_size=32, seed=0)  # for the tokenizer only
+  tokenizer_lib.train_tokenizer(synthetic.corpus(data), os.path.join(data, "tokenizer"))
+  _bad_data(data, n=17, bad=5, two_images=1)  # 5 of 16 usable records bad: 31%
+  c = tiny_config()
+  c.data.update(kind="llava_json", dir=data, tokenizer=os.path.join(data, "tokenizer"))
+  c.stages.stage1.update(data="train.json", steps=2, batch_size=8)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(loop.DataQualityError) as e:
+    loop.train(c, workdir, stages=(1,))
+  assert "missing_image" in str(e.value) and "rec" in str(e.value)
+  assert "bad_samples.json" in str(e.value)
+  report = json.load(open(os.path.join(workdir, "stage1", "bad_samples.json")))
+  named = {r["id"] for r in report["bad_records"]}
+  assert named and named <= {f"rec{i}" for i in range(5)}
+  assert all(r["reason"] == "missing_image" and "missing" in r["image"]
+             for r in report["bad_records"])
+  # The record with two placeholders in one turn is counted and named at load time.
+  assert report["malformed_at_load"] == {"bad_conversations": 1}
+  assert "2 <image> placeholders" in report["malformed_records"][0]["detail"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):

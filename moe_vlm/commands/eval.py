@@ -28,6 +28,7 @@ flags.DEFINE_integer("stage", 3, "which stage's final parameters to evaluate")
 flags.DEFINE_enum("task", None, ["pope", "vqa", "routing"], "benchmark kind")
 flags.DEFINE_string("questions", None, "question file: JSONL (LLaVA layout) or a JSON list")
 flags.DEFINE_string("out", None, "output directory")
+flags.DEFINE_bool("overwrite", False, "replace --out if it exists and is not empty")
 flags.DEFINE_string("image_root", None, "folder the questions' image paths are relative to")
 flags.DEFINE_string("template", None, "conversation template (default: the stage's)")
 flags.DEFINE_string("prompt_suffix", "", "appended to every question on a new line, e.g. "
@@ -59,7 +60,8 @@ def main(argv: Sequence[str]) -> None:
       template=FLAGS.template, prompt_suffix=FLAGS.prompt_suffix, batch_size=FLAGS.batch_size,
       max_new_tokens=FLAGS.max_new_tokens, max_examples=FLAGS.max_examples,
       model_id=FLAGS.model_id, routing=FLAGS.routing, plots=FLAGS.plots,
-      path_tokens=FLAGS.path_tokens, leave_one_out=FLAGS.vqa_leave_one_out)
+      path_tokens=FLAGS.path_tokens, leave_one_out=FLAGS.vqa_leave_one_out,
+      overwrite=FLAGS.overwrite)
   import jax
   if jax.process_index() == 0:  # the one that wrote it
     with open(os.path.join(FLAGS.out, "results.md")) as f:

@@ -16,6 +16,7 @@ flags.DEFINE_string("answers", None, "JSONL output, one answer a line")
 flags.DEFINE_string("image_folder", None, "root of the questions' image paths (default: "
                     "the questions file's directory)")
 flags.DEFINE_integer("batch_size", 8, "questions per generation batch")
+flags.DEFINE_bool("overwrite", False, "replace --answers if it exists")
 flags.DEFINE_string("model_id", None, "the answers' model_id (default: <workdir>/stage<k>)")
 
 
@@ -23,11 +24,17 @@ def main(argv: Sequence[str]) -> None:
   del argv
   if FLAGS.questions is None or FLAGS.answers is None:
     raise app.UsageError("generate needs --questions and --answers")
-  im = infer_flags.load_model()
   from moe_vlm.infer import vqa
+  # A bad question file (missing image, wrong field) or an answers file that exists
+  # fails before the model loads.
+  vqa.load_questions(FLAGS.questions, FLAGS.image_folder)
+  vqa.check_answers_path(FLAGS.answers, FLAGS.overwrite)
+  im = infer_flags.load_model()
   model_id = FLAGS.model_id or infer_flags.model_name()
   n = vqa.answer_file(im, FLAGS.questions, FLAGS.answers,
                       config=infer_flags.generation_config(im), model_id=model_id,
                       batch_size=FLAGS.batch_size, image_folder=FLAGS.image_folder,
-                      seed=FLAGS.seed)
-  print(f"wrote {n} answers to {FLAGS.answers}")
+                      seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+  import jax
+  if jax.process_index() == 0:
+    print(f"wrote {n} answers to {FLAGS.answers}")

@@ -13,6 +13,9 @@ S = image_size):
   truncated       int32 [B]     1 when max_length cut the conversation
   bad_reason      int32 [B]     OK / MISSING_IMAGE / UNREADABLE_IMAGE /
                                 MALFORMED_CONVERSATION / IMAGE_TRUNCATED
+  sample_id       str [B]       the record's id, and its image path ("" if none), and
+  image           str [B]       for a bad row what was wrong (`bad_detail`), so that
+  bad_detail      str [B]       the trainer can name every bad record it skips
 
 Bad samples never raise: they flow through as rows with ok=0, every mask zero, pad
 ids and zero pixels, so they contribute nothing to the loss and their counts survive
@@ -35,7 +38,7 @@ OK, MISSING_IMAGE, UNREADABLE_IMAGE, MALFORMED_CONVERSATION, IMAGE_TRUNCATED = r
 BAD_REASONS = ("ok", "missing_image", "unreadable_image", "malformed_conversation",
                "image_truncated")
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "has_image", "ok",
-              "truncated", "bad_reason")
+              "truncated", "bad_reason", "sample_id", "image", "bad_detail")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +65,17 @@ class PreprocessConfig:
     images_lib.get_normalization(self.normalization)
 
 
-def _bad(config: PreprocessConfig, pad: int, reason: int) -> dict[str, np.ndarray]:
+def _names(record: Mapping[str, Any], detail: str = "") -> dict[str, np.ndarray]:
+  image = record.get("image")
+  return {"sample_id": np.str_(record.get("id", "")),
+          "image": np.str_(image if isinstance(image, str) else ""),
+          "bad_detail": np.str_(detail)}
+
+
+def _bad(record: Mapping[str, Any], config: PreprocessConfig, pad: int, reason: int,
+         detail: str) -> dict[str, np.ndarray]:
   L, S = config.max_length, config.image_size
-  return {
+  return {**_names(record, detail or BAD_REASONS[reason]),
       "input_ids": np.full(L, pad, np.int32),
       "attention_mask": np.zeros(L, np.int32),
       "loss_mask": np.zeros(L, np.int32),
@@ -84,13 +95,14 @@ def preprocess(record: Mapping[str, Any], tokenizer: Any,
   template, tokenizer without eos) still raise, since every sample would fail.
   """
   pad = templates.pad_id(tokenizer)
+  bad = lambda reason, detail="": _bad(record, config, pad, reason, detail)
   conversations = record.get("conversations")
   if record.get("error") is not None or conversations is None:
-    return _bad(config, pad, MALFORMED_CONVERSATION)
+    return bad(MALFORMED_CONVERSATION, str(record.get("error") or "no conversations"))
   try:
     conversations = templates.validate_conversations(conversations)
-  except templates.ConversationError:
-    return _bad(config, pad, MALFORMED_CONVERSATION)
+  except templates.ConversationError as e:
+    return bad(MALFORMED_CONVERSATION, str(e))
 
   image = record.get("image")
   if image is not None:
@@ -98,15 +110,16 @@ def preprocess(record: Mapping[str, Any], tokenizer: Any,
       pixels = images_lib.load_and_transform(
           image, image_size=config.image_size, normalization=config.normalization,
           pad_to_square=config.pad_to_square)
-    except images_lib.MissingImageError:
-      return _bad(config, pad, MISSING_IMAGE)
-    except images_lib.UnreadableImageError:
-      return _bad(config, pad, UNREADABLE_IMAGE)
+    except images_lib.MissingImageError as e:
+      return bad(MISSING_IMAGE, str(e))
+    except images_lib.UnreadableImageError as e:
+      return bad(UNREADABLE_IMAGE, str(e))
     conversations = templates.ensure_image_placeholder(conversations)
   else:
     if templates.has_image_placeholder(conversations):
       # Image tokens with no image would feed garbage features to the model.
-      return _bad(config, pad, MALFORMED_CONVERSATION)
+      return bad(MALFORMED_CONVERSATION, f"{templates.IMAGE_PLACEHOLDER} in a record "
+                 "without an image")
     pixels = np.zeros((config.image_size, config.image_size, 3), np.float32)
 
   try:
@@ -114,10 +127,10 @@ def preprocess(record: Mapping[str, Any], tokenizer: Any,
         conversations, tokenizer, config.template, num_image_tokens=config.num_image_tokens,
         image_token_id=config.image_token_id, max_length=config.max_length,
         add_bos=config.add_bos)
-  except templates.ImageTruncatedError:
-    return _bad(config, pad, IMAGE_TRUNCATED)
-  except templates.ConversationError:
-    return _bad(config, pad, MALFORMED_CONVERSATION)
+  except templates.ImageTruncatedError as e:
+    return bad(IMAGE_TRUNCATED, str(e))
+  except templates.ConversationError as e:
+    return bad(MALFORMED_CONVERSATION, str(e))
   has_image = enc.num_image_tokens > 0
   return {
       "input_ids": enc.input_ids,
@@ -128,6 +141,7 @@ def preprocess(record: Mapping[str, Any], tokenizer: Any,
       "ok": np.int32(1),
       "truncated": np.int32(enc.truncated),
       "bad_reason": np.int32(OK),
+      **_names(record),
   }
 
 

@@ -96,6 +96,10 @@ def validate_conversations(conversations: Any, *, field: str = "conversations",
     if IMAGE_PLACEHOLDER in value:
       if role == GPT:
         raise ConversationError(f"{where}['value'] (a gpt turn) contains {IMAGE_PLACEHOLDER}")
+      if value.count(IMAGE_PLACEHOLDER) > 1:
+        raise ConversationError(f"{where}['value'] has {value.count(IMAGE_PLACEHOLDER)} "
+                                f"{IMAGE_PLACEHOLDER} placeholders; expected at most one "
+                                "(one image per sample)")
       images += 1
     turns.append({"from": role, "value": value})
   if images > 1:

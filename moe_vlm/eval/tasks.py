@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from moe_vlm import files
 from moe_vlm.eval import metrics, questions as questions_lib, routing as routing_lib, runner
 from moe_vlm.eval.questions import Question
 from moe_vlm.infer.generate import left_pad
@@ -170,21 +171,24 @@ def evaluate_workdir(workdir: str, *, task: str, questions_path: str, out_dir: s
                      prompt_suffix: str = "", batch_size: int = 0, max_new_tokens: int = 0,
                      max_examples: int = 0, model_id: Optional[str] = None,
                      routing: bool = False, plots: bool = True, path_tokens: int = 4,
-                     leave_one_out: bool = True) -> dict[str, Any]:
+                     leave_one_out: bool = True, overwrite: bool = False) -> dict[str, Any]:
   """`moe-vlm eval` as a function: loads stage `stage` of a workdir and runs `task`.
 
   config defaults to <workdir>/config.json; image_root to the config's image folder or
-  data directory; batch_size / max_new_tokens (0) to the config's eval settings.
+  data directory; batch_size / max_new_tokens (0) to the config's eval settings. The
+  questions and `out_dir` (non-empty: only with `overwrite`) are checked before the model
+  loads, and the files are written only once every answer is in.
   """
   from moe_vlm.experiment import Experiment
   from moe_vlm.infer import load
 
+  files.check_output_dir(os.path.abspath(out_dir), overwrite)
+  questions = questions_lib.load_questions(questions_path, max_examples)
   exp = Experiment.from_workdir(workdir, config)
   c = exp.config
   im = load.load(workdir, stage, c)
   if template:
     im = dataclasses.replace(im, template=template)
-  questions = questions_lib.load_questions(questions_path, max_examples)
   if prompt_suffix:
     questions = [dataclasses.replace(q, text=f"{q.text}\n{prompt_suffix}") for q in questions]
   settings = Settings(

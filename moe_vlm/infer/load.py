@@ -89,9 +89,31 @@ def load(workdir: str, stage: int = 3,
   if mesh is None and jax.process_count() > 1:
     mesh = exp.mesh()  # several processes hold one model: the training layout
   data = exp.settings.data
+  check_tokenizer(exp.tokenizer, exp.model_config(stage),
+                  f"{workdir} with the tokenizer in {exp.tokenizer_dir}")
   return InferenceModel(model=exp.load_model(stage, mesh), cfg=exp.model_config(stage),
                         tokenizer=exp.tokenizer, template=exp.stage(stage).template,
                         normalization=data.normalization, add_bos=data.add_bos, mesh=mesh)
+
+
+class TokenizerMismatch(ValueError):
+  """The tokenizer does not belong to the model (a stale or foreign tokenizer dir)."""
+
+
+def check_tokenizer(tokenizer: Any, cfg: VLMConfig, where: str) -> None:
+  """Every id the tokenizer can produce must be an embedding row of the model, and its
+  `<image>` (when it has one) must be the model's image token: otherwise generation
+  would run on ids past the vocabulary or splice images in the wrong place."""
+  n = len(tokenizer)
+  if n > cfg.text.vocab_size:
+    raise TokenizerMismatch(
+        f"{where}: the tokenizer has {n} tokens but the model has {cfg.text.vocab_size} "
+        "embedding rows: not this model's tokenizer (pass the right one with --tokenizer)")
+  image = tokenizer.get_vocab().get(tokenizer_lib.IMAGE)
+  if image is not None and image != cfg.image_token_id:
+    raise TokenizerMismatch(
+        f"{where}: the tokenizer maps {tokenizer_lib.IMAGE} to {image} but the model's "
+        f"image token is {cfg.image_token_id}: not this model's tokenizer")
 
 
 # MoE-LLaVA picks the conversation template by the LLM family (its `conv_mode`).
@@ -150,6 +172,7 @@ def load_checkpoint(ckpt: str, *, template: Optional[str] = None,
     raise FileNotFoundError(f"{tok_dir} not found: the checkpoint carries no tokenizer; "
                             "pass one (--tokenizer DIR)")
   tok = tokenizer_lib.load_tokenizer(tok_dir)
+  check_tokenizer(tok, cfg, f"{ckpt} with the tokenizer in {tok_dir}")
   template = template or default_template(tok, cfg)
   if template not in templates.TEMPLATES:
     raise ValueError(f"template={template!r}: expected one of {', '.join(templates.TEMPLATES)}")

@@ -25,6 +25,7 @@ import numpy as np
 
 from moe_vlm.data import images as images_lib
 from moe_vlm.data import templates
+from moe_vlm.files import OutputExistsError
 from moe_vlm.infer.generate import GenerationConfig, generate, left_pad, until_stop
 from moe_vlm.infer.load import InferenceModel
 
@@ -169,15 +170,24 @@ def answer_questions(im: InferenceModel, questions: list[dict[str, Any]], *,
     yield [im.decode(t) for t in until_stop(tokens, config.eos_ids)[:len(rows)]]
 
 
+def check_answers_path(answers_path: str, overwrite: bool) -> None:
+  """An existing answers file is a user's file: replaced only with `overwrite`."""
+  if os.path.exists(answers_path) and not overwrite:
+    raise OutputExistsError(f"{answers_path} exists; pass --overwrite to replace it, or "
+                            "choose another answers path")
+
+
 def answer_file(im: InferenceModel, questions_path: str, answers_path: str, *,
                 config: GenerationConfig, model_id: str, batch_size: int = 8,
-                image_folder: Optional[str] = None, seed: int = 0) -> int:
+                image_folder: Optional[str] = None, seed: int = 0,
+                overwrite: bool = False) -> int:
   """Answers every question of `questions_path` into `answers_path`; returns the count.
 
   image_folder defaults to the question file's directory. Every question is checked
   first (`load_questions`: fields, types, each image opens), so a bad input fails before
   any model work. The answers go to a temporary file beside `answers_path`, renamed over
-  it only when all are written: a failure leaves an existing answers file untouched.
+  it only when all are written: a failure leaves an existing answers file untouched, and
+  one is replaced at all only with `overwrite`.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: expected >= 1")
@@ -187,15 +197,19 @@ def answer_file(im: InferenceModel, questions_path: str, answers_path: str, *,
   if target == os.path.realpath(questions_path):
     raise QuestionError(f"the answers path {answers_path} is the questions file; refusing "
                         "to overwrite it")
+  check_answers_path(answers_path, overwrite)
+  done = 0
+  answered = answer_questions(im, questions, image_folder=folder, config=config,
+                              batch_size=batch_size, seed=seed)
+  if jax.process_index() != 0:  # every process answers (one sharded model); 0 writes
+    return sum(len(answers) for answers in answered)
   directory = os.path.dirname(target)
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
-  done = 0
   try:
     # os.open with mode 0o666: the finished file gets the umask's permissions, as `open` would.
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as out:
-      for answers in answer_questions(im, questions, image_folder=folder, config=config,
-                                      batch_size=batch_size, seed=seed):
+      for answers in answered:
         for q, a in zip(questions[done:done + len(answers)], answers):
           out.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"],
                                 "text": a, "answer_id": uuid.uuid4().hex[:22],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -65,9 +66,11 @@ class ConcatSource:
     self.sources = list(sources)
     self.offsets = np.cumsum([0] + [len(x) for x in self.sources])
     self.skipped: dict[str, int] = {}
+    self.errors: list[tuple[int, str]] = []  # (index in its file, message naming it)
     for x in self.sources:
       for reason, n in x.skipped.items():
         self.skipped[reason] = self.skipped.get(reason, 0) + n
+      self.errors += x.errors
 
   def __len__(self) -> int:
     return int(self.offsets[-1])
@@ -152,20 +155,93 @@ def add_new_params(params: Params, cfg: VLMConfig, mesh: jax.sharding.Mesh,
 # ------------------------------------------------------------------------ one stage
 
 
+MAX_NAMED_BAD = 100  # bad records named in bad_samples.json (the counts cover all)
+LOGGED_BAD = 5  # ... and in the run log
+
+
 @dataclasses.dataclass
 class Counters:
+  """A stage's sample counts over all processes, checkpointed with the state."""
+
   samples: int = 0
   bad: dict = dataclasses.field(default_factory=dict)
   truncated: int = 0
   tokens: int = 0
+  # The first MAX_NAMED_BAD bad records: {"id", "image", "reason", "detail"}.
+  bad_records: list = dataclasses.field(default_factory=list)
 
-  def add_batch(self, batch: dict) -> None:
-    self.samples += int(batch["ok"].shape[0])
-    for reason, n in pipeline_lib.summarize_bad(batch).items():
+  def add_batch(self, batch: dict, sigterm: bool = False) -> bool:
+    """Adds this process's rows of a global batch, summed with every other process's
+    (one small all-gather), and names new bad records. Returns whether any process has
+    seen SIGTERM (all must stop at the same step: checkpoints are collective)."""
+    from moe_vlm.distributed import gather_json, sum_over_processes
+    reasons = pipeline_lib.BAD_REASONS
+    by_reason = pipeline_lib.summarize_bad(batch)
+    local = [int(sigterm), int(batch["ok"].shape[0]), int(np.sum(batch["truncated"])),
+             int(np.sum(batch["attention_mask"]))] + [by_reason[r] for r in reasons]
+    total = sum_over_processes(np.asarray(local, np.int64))
+    self.samples += int(total[1])
+    self.truncated += int(total[2])
+    self.tokens += int(total[3])
+    new_bad = 0
+    for reason, n in zip(reasons, total[4:]):
       if reason != "ok" and n:
         self.bad[reason] = self.bad.get(reason, 0) + int(n)
-    self.truncated += int(np.sum(batch["truncated"]))
-    self.tokens += int(np.sum(batch["attention_mask"]))
+        new_bad += int(n)
+    if new_bad and len(self.bad_records) < MAX_NAMED_BAD:
+      mine = [{"id": str(batch["sample_id"][i]), "image": str(batch["image"][i]),
+               "reason": reasons[int(batch["bad_reason"][i])],
+               "detail": str(batch["bad_detail"][i])}
+              for i in np.flatnonzero(batch["ok"] == 0)]
+      for records in gather_json(mine):
+        self.bad_records.extend(records[:MAX_NAMED_BAD - len(self.bad_records)])
+    return bool(total[0])
+
+  def summary(self, source: "Source") -> dict:
+    """bad_samples.json: totals by reason, the named bad records, and the records the
+    data files held that could not be read at all (malformed at load)."""
+    return {"samples": self.samples, "bad": self.bad, "truncated": self.truncated,
+            "bad_records": self.bad_records,
+            "bad_records_named": f"first {len(self.bad_records)} of {sum(self.bad.values())}",
+            "malformed_at_load": dict(getattr(source, "skipped", {})),
+            "malformed_records": [{"index": i, "detail": m}
+                                  for i, m in getattr(source, "errors", [])]}
+
+
+Source = object  # a random-access data source (LlavaJsonSource, ConcatSource, TFDS)
+
+
+def bad_sample_limit(seen: int, fraction: float) -> float:
+  """How many bad samples out of `seen` still fit `data.max_bad_fraction`: the expected
+  count plus four binomial standard deviations, so the check can apply from the first
+  batch (8 samples of a data set at the limit rarely hold more than 2 bad ones) and
+  tightens to the plain fraction as samples accumulate (a short run with 31% bad
+  samples still stops)."""
+  return fraction * seen + 4.0 * math.sqrt(fraction * (1.0 - fraction) * seen)
+
+
+def _check_bad(counters: Counters, limit: float, where: str, log_path: str) -> None:
+  bad = sum(counters.bad.values())
+  if bad and bad > bad_sample_limit(counters.samples, limit):
+    named = "; ".join(f"{r['id']} ({r['reason']}: {r['detail']})"
+                      for r in counters.bad_records[:LOGGED_BAD])
+    raise DataQualityError(
+        f"{where}: {bad} of {counters.samples} samples were bad ({dict(counters.bad)}), "
+        f"more than data.max_bad_fraction={limit} allows. First: {named}. All named in "
+        f"{log_path}. Check the JSON and the image folder.")
+
+
+def check_source(source: Source, limit: float, where: str) -> None:
+  """The records a data file held that could not be used at all, against the limit."""
+  skipped = sum(getattr(source, "skipped", {}).values())
+  if skipped:
+    total = len(source) + skipped
+    first = "; ".join(m for _, m in getattr(source, "errors", [])[:LOGGED_BAD])
+    log.warning("%s: %d of %d records are malformed and skipped, e.g. %s", where, skipped,
+                total, first)
+    if skipped > bad_sample_limit(total, limit):
+      raise DataQualityError(f"{where}: {skipped} of {total} records are malformed, more "
+                             f"than data.max_bad_fraction={limit} allows. First: {first}")
 
 
 class _SigtermFlag:
@@ -185,27 +261,19 @@ class _SigtermFlag:
   def _handle(self, *_):
     self.raised = True
 
-  def agreed(self, step: int) -> bool:
-    """Whether to stop after `step`. On several hosts all must stop at the same step (the
-    checkpoint save is collective), so the flags are OR-ed across processes each step."""
-    if jax.process_count() == 1:
-      return self.raised
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.asarray(self.raised, np.int32))
-    return bool(np.any(flags))
-
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
 
 class MetricsWriter:
-  """TensorBoard events + a JSONL mirror, written by process 0 only.
+  """TensorBoard events + a JSONL mirror, written by process 0 only. A resumed run
+  continues metrics.jsonl from the restored step: lines of the steps it redoes go.
 
   Object stores (gs://) cannot append, so the JSONL is rewritten whole there.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, start_step: int = 0):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter
@@ -213,7 +281,8 @@ class MetricsWriter:
       path.mkdir(parents=True, exist_ok=True)
       self.tb = SummaryWriter(str(path / "tb"))
       self.jsonl = path / "metrics.jsonl"
-      self.lines = self.jsonl.read_text().splitlines() if self.jsonl.exists() else []
+      lines = self.jsonl.read_text().splitlines() if self.jsonl.exists() else []
+      self.lines = [l for l in lines if l.strip() and json.loads(l)["step"] <= start_step]
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -256,16 +325,6 @@ def _scalars(metrics: dict, counters: Counters, rate: float) -> dict[str, float]
   return out
 
 
-def _check_bad(counters: Counters, skipped_at_load: dict, limit: float, where: str) -> None:
-  bad = sum(counters.bad.values()) + sum(skipped_at_load.values())
-  seen = counters.samples + sum(skipped_at_load.values())
-  if seen >= 50 and bad / seen > limit:
-    raise DataQualityError(
-        f"{where}: {bad} of {seen} samples were bad ({dict(counters.bad)}, malformed at load: "
-        f"{skipped_at_load}), above data.max_bad_fraction={limit}. Check the JSON and the "
-        "image folder.")
-
-
 def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[], Params],
               *, stop_after: Optional[int] = None) -> Optional[Params]:
   """Trains stage k and returns its final params (global arrays on `mesh`). `stop_after`
@@ -275,12 +334,27 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
   stage_dir = exp.stage_dir(k)
   cfg = exp.model_config(k)
   codec = placement.abstract_codec(cfg)
+  ckpts = ckpt_lib.StageCheckpoints(exp.checkpoint_dir(k), keep=settings.checkpoint.keep,
+                                    async_save=settings.checkpoint.async_save)
   if exp.has_final(k):
+    finished_at = ckpts.latest_step()
+    ckpts.close()
+    if s.steps and finished_at not in (None, s.steps):
+      raise StageSettingsError(
+          f"stage {k} finished at step {finished_at} ({exp.final_dir(k)}) but "
+          f"stages.stage{k}.steps={s.steps} now: move {exp.stage_dir(k)} away to train it "
+          "again, or set the steps it ran")
     log.info("stage %d already finished (%s); skipping", k, exp.final_dir(k))
     return exp.load_params(k, mesh)
 
   source = stage_source(settings, s.data, exp.data_dir, exp.image_root)
+  check_source(source, settings.data.max_bad_fraction, f"stage {k} data ({s.data})")
   steps = s.steps or max(1, s.epochs * len(source) // s.batch_size)
+  if (ckpts.latest_step() or 0) > steps:
+    raise StageSettingsError(
+        f"stage {k}: {exp.checkpoint_dir(k)} holds step {ckpts.latest_step()} but the stage "
+        f"now has {steps} steps (stages.stage{k}.steps / epochs); a resume would label the "
+        "later state with an earlier step. Restore the setting, or move the directory away")
   trainable = stages_lib.trainable_fn(s.train, tuple(s.extra_modules))
   step_cfg = step_config(settings.moe, s, steps)
   tx = step_lib.make_optimizer(step_cfg.optim)
@@ -293,13 +367,11 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
       batch_size=s.batch_size, rows=rows, seed=settings.seed + k,
       worker_count=settings.data.worker_count)
   it = iter(data)
-  ckpts = ckpt_lib.StageCheckpoints(exp.checkpoint_dir(k), keep=settings.checkpoint.keep,
-                                    async_save=settings.checkpoint.async_save)
   counters = Counters()
   if ckpts.latest_step() is not None:
     like = jax.eval_shape(lambda: step_lib.init_state(
         {n: jnp.zeros(v.shape, v.dtype) for n, v in codec.shapes.items()}, trainable, tx))
-    state, extras = ckpts.restore(like, shardings)
+    state, extras = ckpts.restore_newest(like, shardings)
     it.set_state(extras["data_iter"])
     counters = Counters(**extras["counters"])
     log.info("stage %d: resumed from step %d", k, int(state.step))
@@ -308,14 +380,16 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
   log.info("stage %d: %s, %d steps, batch %d, %s", k, s.train, steps, s.batch_size,
            stages_lib.describe(codec.names, trainable))
 
-  writer = MetricsWriter(stage_dir)
+  start = int(state.step)
+  writer = MetricsWriter(stage_dir, start)
   first = next(it)
   train_step = step_lib.jit_train_step(step_lib.make_train_step(codec, step_cfg, tx), mesh,
                                        shardings, first)
-  start = int(state.step)
   progress = _progress(steps, start, k)
   t0, tokens0, batch = time.perf_counter(), counters.tokens, first
   in_flight = None  # the previous step's loss: block on it so the host stays one step ahead
+  bad_log = os.path.join(stage_dir, "bad_samples.json")
+  logged_bad = len(counters.bad_records)
 
   def extras() -> dict:
     return {"data_iter": it.get_state(), "counters": dataclasses.asdict(counters)}
@@ -325,8 +399,12 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
       for step in range(start, steps):
         if step > start:
           batch = next(it)
-        counters.add_batch(batch)
-        _check_bad(counters, source.skipped, settings.data.max_bad_fraction, f"stage {k}")
+        stop = counters.add_batch(batch, sigterm.raised)
+        for r in counters.bad_records[logged_bad:LOGGED_BAD]:
+          log.warning("stage %d: skipping bad sample %s (image %s): %s: %s", k, r["id"],
+                      r["image"] or "-", r["reason"], r["detail"])
+        logged_bad = len(counters.bad_records)
+        _check_bad(counters, settings.data.max_bad_fraction, f"stage {k}", bad_log)
         device_batch = {key: mesh_lib.assemble_batch(batch[key], rows, s.batch_size, mesh)
                         for key in step_lib.MODEL_INPUTS}
         state, metrics = train_step(state, device_batch)
@@ -340,12 +418,9 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
           scalars = _scalars(metrics, counters, rate)
           writer.write(done, scalars)
           progress.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{rate:.0f}")
-          write_json(os.path.join(stage_dir, "bad_samples.json"),
-                     {"samples": counters.samples, "bad": counters.bad,
-                      "malformed_at_load": source.skipped, "truncated": counters.truncated})
+          write_json(bad_log, counters.summary(source))
           t0, tokens0 = time.perf_counter(), counters.tokens
         progress.update(1)
-        stop = sigterm.agreed(done)
         if done % settings.checkpoint.every_steps == 0 or stop:
           ckpts.save(done, state, extras(), force=stop)
         if stop:
