@@ -24,6 +24,9 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        # StableLM-2's Arcade100k and Qwen-1's tokenizers (tiktoken files), read without
+        # their remote code (moe_vlm/data/tiktoken_tokenizer.py).
+        "tiktoken>=0.7",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
     ],

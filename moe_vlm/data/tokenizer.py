@@ -46,22 +46,41 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int = 512
 
 
 def load_tokenizer(path: str) -> Any:
-  """Loads an HF tokenizer from a LOCAL directory (no hub access, no remote code).
+  """Loads a tokenizer from a LOCAL directory (no hub access, no remote code): an HF
+  tokenizer, or the tiktoken tokenizers of StableLM-2 (`arcade100k.tiktoken`) and Qwen-1
+  (`qwen.tiktoken`), which need remote code in transformers and are read here through
+  the `tiktoken` package (`moe_vlm.data.tiktoken_tokenizer`).
 
   Raises FileNotFoundError naming the path when it is not a directory with tokenizer
   files, rather than letting transformers treat it as a hub repo id.
   """
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
+  from moe_vlm.data import tiktoken_tokenizer  # pylint: disable=g-import-not-at-top
+
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory not found: {path} (only local "
                             "directories are supported)")
+  spec = tiktoken_tokenizer.find_spec(path)
+  if spec is not None:
+    tokenizer = tiktoken_tokenizer.TiktokenTokenizer(path, spec)
+    if tokenizer.eos_token_id is None:
+      raise ValueError(f"tokenizer at {path} has no eos token; the templates need one")
+    return tokenizer
   names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
   if not any(os.path.exists(os.path.join(path, n)) for n in names):
-    raise FileNotFoundError(f"{path} holds no tokenizer files; expected one of {names}")
-  tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                            trust_remote_code=False)
+    raise FileNotFoundError(f"{path} holds no tokenizer files; expected one of {names} "
+                            "or a tiktoken rank file (arcade100k.tiktoken, qwen.tiktoken)")
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                              trust_remote_code=False)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{path}: transformers cannot load this tokenizer without remote "
+                     f"code ({e}). Supported without it: transformers' own tokenizer "
+                     "classes, and the tiktoken files arcade100k.tiktoken (StableLM-2) and "
+                     "qwen.tiktoken (Qwen-1); pass another tokenizer directory "
+                     "(--tokenizer DIR)") from None
   if tokenizer.eos_token_id is None:
     raise ValueError(f"tokenizer at {path} has no eos token; the templates need one")
   return tokenizer
