@@ -9,7 +9,8 @@ Checked here:
 2. JAX -> HF -> JAX is bit-exact (every parameter, and the VLMConfig) for those, a bf16
    model, and MoE-LLaVA's layout (Phi-2 and StableLM MoE);
 3. the moe_llava layout's files: config.json with the `moe` dict and `mm_*` keys,
-   DeepSpeed key names, a vision tower directory transformers loads;
+   DeepSpeed key names, the tower's copy in the weights, a vision tower directory
+   transformers loads (released checkpoints: tests/test_released.py);
 4. tokenizer + processor files; layout choice and refusals;
 5. `moe-vlm convert to-hf` / `from-hf` end to end on a tiny workdir.
 """
@@ -292,7 +293,12 @@ def test_moe_llava_layout_files(tmp_root):
   assert keys["model.mm_projector.image_spatial_proj.0.weight"][0] == (32, 32)
   assert "model.mm_projector.image_spatial_proj.2.bias" in keys
   assert "lm_head.bias" in keys and "model.final_layernorm.weight" in keys
-  assert not any("vision" in k or "image_tower" in k for k in keys)
+  # The tower's copy beside the LLM, as the released checkpoints carry it (from-hf reads it
+  # when mm_image_tower is not a local directory); this tiny tower is no hub tower, so it
+  # is also a directory that mm_image_tower names.
+  copy = {k[len("model.image_tower.image_tower."):]: v for k, v in keys.items()
+          if k.startswith("model.image_tower.")}
+  assert copy == _disk(tower) and all(k.startswith("vision_model.") for k in copy)
 
   # The tower directory is a plain CLIPVisionModel checkpoint with its processor.
   vision, info = transformers.CLIPVisionModel.from_pretrained(tower, output_loading_info=True)

@@ -3,13 +3,16 @@
   moe-vlm convert to-hf --workdir DIR [--config CFG] [--stage 3] --out OUT_DIR
       [--layout auto|llava|moe_llava] [--dtype bfloat16] [--tokenizer DIR]
   moe-vlm convert to-hf --ckpt CKPT_DIR --out OUT_DIR        (a from-hf output)
-  moe-vlm convert from-hf --hf DIR --out CKPT_DIR
+  moe-vlm convert from-hf --hf DIR --out CKPT_DIR [--image_token_id N] [--image_tower DIR]
 
 to-hf reads `<workdir>/stage<k>/final`; the model config is rebuilt as training built it,
 from the experiment config (`--config`, else the `config.json` that `train` wrote into
 the workdir) and its tokenizer, or read from a VLMConfig JSON (`--vlm_config`).
 from-hf writes CKPT_DIR/params (flat params, Orbax), CKPT_DIR/moe_vlm_config.json and
-CKPT_DIR/tokenizer/. Layouts and files: moe_vlm/convert/export.py.
+CKPT_DIR/tokenizer/. A released MoE-LLaVA directory converts as it is, offline: the
+vision tower from the weights' own copy, the image on a reserved embedding row (its
+tokenizer has no `<image>`), the tokenizer files kept (moe_vlm/convert/released.py).
+Layouts and files: moe_vlm/convert/export.py.
 """
 
 from __future__ import annotations
@@ -29,10 +32,19 @@ flags.DEFINE_string("vlm_config", None, "to-hf: a VLMConfig JSON instead of the 
                     "config")
 flags.DEFINE_string("tokenizer", None, "to-hf: tokenizer directory (default: the experiment's)")
 flags.DEFINE_enum("layout", "auto", ["auto", "llava", "moe_llava"], "to-hf: output layout")
-flags.DEFINE_string("dtype", None, "to-hf: cast the weights (bfloat16, float16, float32)")
+flags.DEFINE_string("dtype", None, "to-hf: cast the weights (bfloat16, float16, float32; "
+                    "default: as they are, or as the source directory had them); from-hf: "
+                    "the parameters' dtype (default float32)")
 flags.DEFINE_string("normalization", None, "to-hf: image mean/std set (clip, siglip)")
-flags.DEFINE_string("mm_image_tower", None, "to-hf, moe_llava: the vision tower path written "
-                    "to config.json (default: <out>/image_tower, absolute)")
+flags.DEFINE_string("mm_image_tower", None, "to-hf, moe_llava: the vision tower name written "
+                    "to config.json (default: the source's, else the hub name of a known "
+                    "tower, else <out>/image_tower, absolute)")
+flags.DEFINE_integer("image_token_id", None, "from-hf: the embedding row that stands for the "
+                     "image in prompts, for checkpoints whose tokenizer has no <image> "
+                     "(default: <image>'s id, else the row after the tokenizer's last id)")
+flags.DEFINE_string("image_tower", None, "from-hf, MoE-LLaVA: a local vision tower directory "
+                    "(default: mm_image_tower if it is a local directory, else the copy of the "
+                    "tower in the weights)")
 flags.DEFINE_bool("drop_lm_head_bias", False, "to-hf, llava: drop a non-zero lm_head bias")
 flags.DEFINE_string("hf", None, "from-hf: the directory to import")
 flags.DEFINE_string("out", None, "output directory (written under a temporary name, "
@@ -51,7 +63,9 @@ def main(argv: Sequence[str]) -> None:
   if argv[1] == "from-hf":
     if not FLAGS.hf:
       raise app.UsageError("from-hf needs --hf DIR")
-    export.from_hf(FLAGS.hf, FLAGS.out, overwrite=FLAGS.overwrite)
+    export.from_hf(FLAGS.hf, FLAGS.out, dtype=FLAGS.dtype or "float32",
+                   image_token_id=FLAGS.image_token_id, image_tower=FLAGS.image_tower,
+                   overwrite=FLAGS.overwrite)
     _say(f"wrote {FLAGS.out}/params and {FLAGS.out}/{export.CONFIG_FILE}")
     return
   if not (FLAGS.workdir or FLAGS.ckpt):

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from moe_vlm import files
-from moe_vlm.convert import hf, keymap, safetensors_io
+from moe_vlm.convert import hf, keymap, released, safetensors_io
 from moe_vlm.convert.hf import ConversionError
 from moe_vlm.models import config as config_lib
 from moe_vlm.models.config import (ConfigError, MoEConfig, TextConfig,
@@ -225,10 +225,13 @@ def llava_state(model: VLM, *, drop_lm_head_bias: bool = False) -> dict[str, np.
 def moe_llava_tensors(get: Source, cfg: VLMConfig, part: str) -> Iterator[tuple[str, np.ndarray]]:
   """part "text": LLM + projector tensors by MoE-LLaVA name; "vision": the vision tower's
   by CLIPVisionModel name, keeping the `vision_model.` prefix that transformers 4.x
-  (MoE-LLaVA's) needs and 5.x accepts."""
+  (MoE-LLaVA's) needs and 5.x accepts; "tower_copy": the tower as the released
+  checkpoints carry it beside the LLM (`model.image_tower.image_tower.vision_model.*`)."""
   if part == "text":
     rules = (keymap.text_rules(cfg.text, "llm.", "model.", "lm_head", "moe_llava")
              + keymap.moe_llava_projector_rules(cfg.projector))
+  elif part == "tower_copy":
+    rules = keymap.vision_rules(cfg.vision, "vision.", released.TOWER_COPY + "vision_model.")
   else:
     rules = keymap.vision_rules(cfg.vision, "vision.", "vision_model.")
   return hf.export_tensors(get, rules)
@@ -282,9 +285,15 @@ def image_processor(vision: VisionConfig, normalization: Optional[str] = None):
 
 def prepare_tokenizer(tokenizer: Any, cfg: VLMConfig) -> Any:
   """A tokenizer (or its directory) whose `<image>` id is the model's image token."""
+  from moe_vlm.data import tiktoken_tokenizer
+
   if isinstance(tokenizer, (str, os.PathLike)):
     from moe_vlm.data import tokenizer as tokenizer_lib
     tokenizer = tokenizer_lib.load_tokenizer(os.fspath(tokenizer))
+  if isinstance(tokenizer, tiktoken_tokenizer.TiktokenTokenizer):
+    raise ConversionError(f"the {tokenizer.spec.name} tokenizer is a tiktoken file that "
+                          "transformers reads only with remote code: the llava layout cannot "
+                          "carry it; export with --layout moe_llava, or pass --tokenizer DIR")
   if IMAGE_TOKEN not in tokenizer.get_vocab():
     # As training does (loop.ensure_image_token): pretrained tokenizers lack `<image>`.
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]},
@@ -317,15 +326,24 @@ def export_params(get: Source, cfg: VLMConfig, out_dir: str, *, layout: str = "a
                   tokenizer: Any = None, normalization: Optional[str] = None,
                   dtype: Optional[str] = None, mm_image_tower: Optional[str] = None,
                   drop_lm_head_bias: bool = False, overwrite: bool = False,
+                  source: Optional[released.SourceRecord] = None,
                   max_shard_bytes: int = _MAX_SHARD_BYTES) -> str:
   """Writes the model of config `cfg` whose parameters `get` returns (one at a time) to
   `out_dir` in `layout` (see module docstring); returns the layout.
 
-  tokenizer: a tokenizer or its directory, saved beside the weights (with `<image>`).
+  tokenizer: a tokenizer or its directory, saved beside the weights: for "llava" with
+    `<image>` added (LlavaProcessor needs it); for "moe_llava" a directory's tokenizer
+    files are copied unchanged (MoE-LLaVA's loader reads them: vocab.json + merges.txt,
+    arcade100k.tiktoken, ...).
   normalization: image mean/std set ("clip" / "siglip"); default: the tower's own.
-  dtype: cast floating tensors ("bfloat16", "float16", "float32"); default: keep.
-  mm_image_tower: moe_llava only, the path config.json names for the tower
-    (default: the absolute path of `<out_dir>/image_tower`).
+  dtype: cast floating tensors ("bfloat16", "float16", "float32"); default: keep (with
+    `source`: each tensor's dtype on disk in the source).
+  mm_image_tower: moe_llava only, the tower name config.json gives MoE-LLaVA (default:
+    the source's, else the hub name of a known tower architecture, else the absolute
+    path of `<out_dir>/image_tower`, which MoE-LLaVA's builder refuses: see README).
+  source: what `from_hf` remembered of a MoE-LLaVA directory (`released.SourceRecord`):
+    an unchanged model is written back as it was (layout, config.json, tensors and their
+    dtypes, side files).
   overwrite: replace a non-empty `out_dir` (else it is refused). The files are written
     into a temporary directory that becomes `out_dir` only when complete.
   With several processes, all of them call this (each tensor is gathered from the
@@ -334,17 +352,16 @@ def export_params(get: Source, cfg: VLMConfig, out_dir: str, *, layout: str = "a
   if cfg.projector == "perceiver":
     raise ValueError("projector='perceiver' (IDEFICS2 resampler) has no place in the LLaVA "
                      "or MoE-LLaVA layouts; keep its Orbax checkpoint instead")
-  layout = resolve_layout(cfg, layout)
-  tok = None if tokenizer is None else prepare_tokenizer(tokenizer, cfg)
+  layout = resolve_layout(cfg, source.layout if layout == "auto" and source else layout)
   final = os.path.abspath(out_dir)
   with files.output_dir(final, overwrite=overwrite) as tmp:
     if layout == "llava":
+      tok = None if tokenizer is None else prepare_tokenizer(tokenizer, cfg)
       _export_llava(get, cfg, tmp, tok, normalization, dtype, drop_lm_head_bias,
                     max_shard_bytes)
     else:
-      _export_moe_llava(get, cfg, tmp, tok, normalization, dtype,
-                        mm_image_tower or os.path.join(final, IMAGE_TOWER_DIR),
-                        max_shard_bytes)
+      _export_moe_llava(get, cfg, tmp, final, tokenizer, normalization, dtype,
+                        mm_image_tower, source, max_shard_bytes)
     if jax.process_index() == 0:
       save_config(cfg, os.path.join(tmp, CONFIG_FILE))
   return layout
@@ -443,43 +460,155 @@ def moe_llava_config(cfg: VLMConfig, mm_image_tower: str,
   return base
 
 
-def _export_moe_llava(get: Source, cfg: VLMConfig, out_dir: str, tok: Any,
-                      normalization: Optional[str], dtype: Optional[str], mm_image_tower: str,
+def _tower_name(cfg: VLMConfig, given: Optional[str],
+                source: Optional[released.SourceRecord]) -> Optional[str]:
+  """mm_image_tower: `given`, else the source's hub name, else a known tower's name."""
+  if given:
+    return given
+  remembered = (source.config.get("mm_image_tower") or "") if source else ""
+  if remembered.startswith(released.HUB_PREFIXES):
+    return remembered
+  return released.known_tower_name(cfg.vision)
+
+
+def _same_architecture(raw: Mapping[str, Any], cfg: VLMConfig) -> bool:
+  """Whether a MoE-LLaVA config.json describes `cfg`'s LLM, projector and wiring."""
+  try:
+    text = dataclasses.replace(_moe_llava_text_config(raw, cfg.text.param_dtype),
+                               lm_head_bias=cfg.text.lm_head_bias)
+  except (ConversionError, ConfigError, KeyError, TypeError, ValueError):
+    return False
+  strategy = {"patch": "default", "cls_patch": "full"}.get(
+      raw.get("mm_vision_select_feature", "patch"))
+  theirs = dataclasses.replace(
+      cfg, text=text, projector=raw.get("image_projector_type", "linear"),
+      vision_feature_layer=raw.get("mm_vision_select_layer"),
+      vision_feature_select_strategy=strategy)
+  return (_architecture(theirs) == _architecture(cfg)
+          and raw.get("mm_hidden_size") == cfg.vision.hidden_size)
+
+
+def _tokenizer_names(path: str) -> list[str]:
+  from moe_vlm.data import tiktoken_tokenizer
+
+  names = list(_TOKENIZER_FILES) + tiktoken_tokenizer.tokenizer_files(path)
+  return [n for n in dict.fromkeys(names) if os.path.isfile(os.path.join(path, n))]
+
+
+def _check_image_row(tok: Any, cfg: VLMConfig) -> None:
+  """MoE-LLaVA's tokenizer never produces our image id: it is `<image>` or past it."""
+  from moe_vlm.data import tokenizer as tokenizer_lib
+
+  token = tok.get_vocab().get(tokenizer_lib.IMAGE)
+  if token is None and cfg.image_token_id < len(tok):
+    log.warning("image_token_id=%d is inside the tokenizer's %d ids", cfg.image_token_id,
+                len(tok))
+  elif token is not None and token != cfg.image_token_id:
+    raise ConversionError(f"tokenizer maps {IMAGE_TOKEN} to {token} but the model's "
+                          f"image_token_id is {cfg.image_token_id}: not this model's tokenizer")
+
+
+def _export_moe_llava(get: Source, cfg: VLMConfig, out_dir: str, final: str, tokenizer: Any,
+                      normalization: Optional[str], dtype: Optional[str],
+                      mm_image_tower: Optional[str], source: Optional[released.SourceRecord],
                       max_shard_bytes: int) -> None:
+  from moe_vlm.data import tokenizer as tokenizer_lib
+
+  name = _tower_name(cfg, mm_image_tower, source)
+  if name is None:
+    name = os.path.join(final, IMAGE_TOWER_DIR)
+    log.warning("the vision tower is none of MoE-LLaVA's hub towers (%s): wrote it to %s and "
+                "named that path in mm_image_tower, which MoE-LLaVA's build_image_tower "
+                "refuses (it takes names starting with %s); pass --mm_image_tower",
+                ", ".join(released.KNOWN_TOWERS), name, "/".join(released.HUB_PREFIXES))
+  elif not name.startswith(released.HUB_PREFIXES) and not os.path.isdir(name):
+    log.warning("mm_image_tower=%r: MoE-LLaVA's build_image_tower takes only names starting "
+                "with %s", name, "/".join(released.HUB_PREFIXES))
+  cast = _caster(dtype)
+  disk_dtypes = {} if dtype or source is None else source.dtypes
+
+  def on_disk(tensors):
+    for key, value in tensors:
+      want = disk_dtypes.get(key)
+      yield key, (value.astype(safetensors_io.numpy_dtype(want)) if want else cast(value))
+
+  def weights():
+    yield from moe_llava_tensors(get, cfg, "text")
+    yield from moe_llava_tensors(get, cfg, "tower_copy")
+    if source is not None:
+      yield from source.extra.items()
+
+  write_safetensors(on_disk(weights()), out_dir, max_shard_bytes)
   tower_dir = os.path.join(out_dir, IMAGE_TOWER_DIR)
-  write_safetensors(_cast(moe_llava_tensors(get, cfg, "text"), dtype), out_dir, max_shard_bytes)
-  write_safetensors(_cast(moe_llava_tensors(get, cfg, "vision"), dtype), tower_dir,
-                    max_shard_bytes)
+  if name == os.path.join(final, IMAGE_TOWER_DIR):
+    write_safetensors(_cast(moe_llava_tensors(get, cfg, "vision"), dtype), tower_dir,
+                      max_shard_bytes)
   if jax.process_index() != 0:
     return
-  config = moe_llava_config(cfg, mm_image_tower, _token_ids(tok))
-  # transformers 5 reads `dtype`, MoE-LLaVA's 4.x `torch_dtype`.
-  config["dtype"] = config["torch_dtype"] = dtype or cfg.text.param_dtype
-  _write_json(config, os.path.join(out_dir, "config.json"))
-  vision_config = hf.vision_config_to_hf(cfg.vision)
-  vision_config.architectures = ["CLIPVisionModel" if cfg.vision.variant == "clip"
-                                 else "SiglipVisionModel"]
-  vision_config.save_pretrained(tower_dir)
-  image_processor(cfg.vision, normalization).save_pretrained(tower_dir)
+  tok = tokenizer
+  if isinstance(tokenizer, (str, os.PathLike)):
+    tok = tokenizer_lib.load_tokenizer(os.fspath(tokenizer))
   if tok is not None:
+    _check_image_row(tok, cfg)
+  if source is not None and _same_architecture(source.config, cfg):
+    config = dict(source.config)  # unchanged model: the source's config.json, as it was
+    if mm_image_tower or not (config.get("mm_image_tower") or "").startswith(
+        released.HUB_PREFIXES):
+      config["mm_image_tower"] = name
+  else:
+    if source is not None:
+      log.warning("the model's architecture differs from the source's config.json: "
+                  "writing the config of the model, with the source's other fields")
+    config = {**(source.config if source else {}),
+              **moe_llava_config(cfg, name, _token_ids(tok))}
+    # transformers 5 reads `dtype`, MoE-LLaVA's 4.x `torch_dtype`.
+    config["dtype"] = config["torch_dtype"] = dtype or cfg.text.param_dtype
+  _write_json(config, os.path.join(out_dir, "config.json"))
+  for file, content in (source.files if source else {}).items():
+    _write_json(content, os.path.join(out_dir, file))
+  if os.path.isdir(tower_dir):
+    vision_config = hf.vision_config_to_hf(cfg.vision)
+    vision_config.architectures = ["CLIPVisionModel" if cfg.vision.variant == "clip"
+                                   else "SiglipVisionModel"]
+    vision_config.save_pretrained(tower_dir)
+    image_processor(cfg.vision, normalization).save_pretrained(tower_dir)
+  if isinstance(tokenizer, (str, os.PathLike)):
+    # MoE-LLaVA's loader reads the original files (use_fast=False for Phi and Qwen1.5:
+    # vocab.json + merges.txt; Arcade100kTokenizer: arcade100k.tiktoken): copy them.
+    for n in _tokenizer_names(os.fspath(tokenizer)):
+      shutil.copy2(os.path.join(tokenizer, n), os.path.join(out_dir, n))
+  elif tok is not None:
     tok.save_pretrained(out_dir)
 
 
 # -------------------------------------------------------------------- import
 
 
-def import_vlm(path: str, *, dtype: str = "float32",
-               image_token_id: Optional[int] = None) -> VLM:
+def import_vlm(path: str, *, dtype: str = "float32", image_token_id: Optional[int] = None,
+               image_tower: Optional[str] = None) -> VLM:
   """A directory written by `export_vlm` (or by transformers / MoE-LLaVA) -> our VLM.
 
   The architecture comes from config.json. When `moe_vlm_config.json` is there and
   describes the same architecture, its config is used as a whole (dispatch, capacity,
   dtypes, remat come back as exported), so export + import is exact.
-  image_token_id: for MoE-LLaVA checkpoints, whose config has none of ours.
+  image_token_id: for MoE-LLaVA checkpoints, whose tokenizers have no `<image>` (default:
+    the reserved row `len(tokenizer)`, see `moe_vlm.convert.released`).
+  image_tower: MoE-LLaVA, a local vision tower directory (default: `mm_image_tower` when it
+    is a local directory, else the weights' own copy of the tower).
   """
+  return import_with_source(path, dtype=dtype, image_token_id=image_token_id,
+                            image_tower=image_tower)[0]
+
+
+def import_with_source(path: str, *, dtype: str = "float32",
+                       image_token_id: Optional[int] = None, image_tower: Optional[str] = None
+                       ) -> tuple[VLM, Optional[released.SourceRecord]]:
+  """`import_vlm`, plus for a MoE-LLaVA directory what an export needs to write it back
+  unchanged (`released.SourceRecord`)."""
   with open(os.path.join(path, "config.json")) as f:
     raw = json.load(f)
   mt = raw.get("model_type", "")
+  source = None
   if mt == "llava":
     state = hf.fuse_unfused_experts(hf.canonical_llava_keys(hf.load_safetensors(path)))
     derived = hf.vlm_config_from_hf(hf.load_hf_config(path), dtype)
@@ -488,13 +617,14 @@ def import_vlm(path: str, *, dtype: str = "float32",
     # SigLIP's pooling head and Qwen2-MoE's size-0 shared expert have no counterpart.
     ignore = [f"{vprefix}head."] + [k for k in state if ".shared_expert" in k]
   elif mt.startswith(("moe_llava_", "llava_")):
-    state, derived, vprefix = _read_moe_llava(path, raw, dtype, image_token_id)
+    state, derived, vprefix, copy_used = _read_moe_llava(path, raw, dtype, image_token_id,
+                                                         image_tower)
     rules = lambda c: (keymap.text_rules(c.text, "llm.", "model.", "lm_head", "moe_llava")
                        + keymap.moe_llava_projector_rules(c.projector)
                        + keymap.vision_rules(c.vision, "vision.", vprefix))
-    # A copy of the tower inside the LLM checkpoint is ignored: the reference reloads the
-    # tower from mm_image_tower anyway.
-    ignore = [f"{vprefix}head.", "model.image_tower."]
+    # SigLIP's attention-pool head has no counterpart; a copy of the tower inside the
+    # checkpoint is not read when the tower comes from a directory.
+    ignore = [f"{vprefix}head."] + ([] if copy_used else [released.TOWER_COPY])
   else:
     raise ConversionError(f"{path}: model_type={mt!r}; expected 'llava' or MoE-LLaVA's "
                           "'moe_llava_<family>' / 'llava_<family>'")
@@ -504,7 +634,18 @@ def import_vlm(path: str, *, dtype: str = "float32",
   # Built abstractly and filled by the strict loader: no random init to throw away.
   model = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
   hf.load_weights(model, state, rules(cfg), ignore)
-  return model
+  if mt != "llava":
+    used = keymap.hf_keys(rules(cfg))
+    disk = {k: v for k, v in state.items() if not k.startswith("image_tower.")}
+    source = released.SourceRecord(
+        layout="moe_llava", config=raw,
+        dtypes={k: v.dtype.name for k, v in disk.items()},
+        # Tensors on disk the model does not hold. A tower copy not read (the tower came
+        # from a directory) is not kept: the export writes the copy from our tower.
+        extra={k: v for k, v in disk.items() if k not in used
+               and (copy_used or not k.startswith(released.TOWER_COPY))},
+        files=released.read_side_files(path))
+  return model, source
 
 
 def _prefer_saved(saved_path: str, derived: VLMConfig) -> VLMConfig:
@@ -550,48 +691,67 @@ def _moe_llava_text_config(raw: Mapping[str, Any], dtype: str) -> TextConfig:
       aux_loss_coef=float(moe.get("router_aux_loss_coef", 0.01))))
 
 
-def _tower_dir(path: str, raw: Mapping[str, Any]) -> str:
-  local = os.path.join(path, IMAGE_TOWER_DIR)
-  if os.path.isdir(local):
-    return local
+def _tower_dir(path: str, raw: Mapping[str, Any], given: Optional[str]) -> Optional[str]:
+  """A local tower directory: `given`, else `mm_image_tower` when it is a local directory,
+  else our older exports' `image_tower/`; None when there is none."""
+  if given:
+    if not os.path.isdir(given):
+      raise ConversionError(f"image_tower={given!r} is not a directory")
+    return given
   named = raw.get("mm_image_tower") or ""
   if os.path.isdir(named):
     return named
-  raise ConversionError(f"{path}: no {IMAGE_TOWER_DIR}/ and mm_image_tower={named!r} is not a "
-                        "local directory; download the vision tower and point mm_image_tower "
-                        "at it")
+  local = os.path.join(path, IMAGE_TOWER_DIR)
+  return local if os.path.isdir(local) else None
 
 
-def _image_token_id(path: str, raw: Mapping[str, Any], given: Optional[int]) -> int:
-  if given is not None:
-    return given
-  if raw.get("image_token_index") is not None:
+def _tokenizer_of(path: str) -> Any:
+  from moe_vlm.data import tiktoken_tokenizer
+  from moe_vlm.data import tokenizer as tokenizer_lib
+
+  names = _TOKENIZER_FILES + tuple(s.file for s in tiktoken_tokenizer.SPECS)
+  if not any(os.path.exists(os.path.join(path, n)) for n in names):
+    return None
+  return tokenizer_lib.load_tokenizer(path)
+
+
+def _image_token_id(path: str, raw: Mapping[str, Any], vocab_size: int,
+                    given: Optional[int]) -> int:
+  if given is None and raw.get("image_token_index") is not None:  # our older exports
     return int(raw["image_token_index"])
-  if any(os.path.exists(os.path.join(path, n)) for n in _TOKENIZER_FILES):
-    from moe_vlm.data import tokenizer as tokenizer_lib
-    return tokenizer_lib.image_token_id(tokenizer_lib.load_tokenizer(path))
-  raise ConversionError(f"{path}: no image_token_index in config.json and no tokenizer with "
-                        f"{IMAGE_TOKEN}; pass image_token_id")
+  return released.image_token_id(_tokenizer_of(path), vocab_size, given, path)
 
 
 def _read_moe_llava(path: str, raw: Mapping[str, Any], dtype: str,
-                    image_token_id: Optional[int]) -> tuple[dict, VLMConfig, str]:
-  """(state with the tower's tensors under `image_tower.`, config, tower key prefix)."""
+                    image_token_id: Optional[int], image_tower: Optional[str]
+                    ) -> tuple[dict, VLMConfig, str, bool]:
+  """(state with the tower's tensors, config, tower key prefix, whether the tower is the
+  weights' own copy)."""
   state = hf.load_safetensors(path)
   text = _moe_llava_text_config(raw, dtype)
   # MoE-LLaVA's Phi classes build lm_head without bias; follow the checkpoint.
   text = dataclasses.replace(text, lm_head_bias="lm_head.bias" in state)
-  tower = _tower_dir(path, raw)
-  vision = hf.vision_config_from_hf(hf.load_hf_config(tower), dtype)
-  vstate = hf.load_safetensors(tower)
-  vprefix = "image_tower." + hf._vision_prefix(vstate, "")  # pylint: disable=protected-access
-  state.update({f"image_tower.{k}": v for k, v in vstate.items()})
+  tower = _tower_dir(path, raw, image_tower)
+  if tower is not None:
+    vision = hf.vision_config_from_hf(hf.vision_part(hf.load_hf_config(tower)), dtype)
+    vstate = hf.load_safetensors(tower)
+    vprefix = "image_tower." + hf._vision_prefix(vstate, "")  # pylint: disable=protected-access
+    state.update({f"image_tower.{k}": v for k, v in vstate.items()})
+    copy_used = False
+  elif released.has_tower_copy(state):
+    vision = released.tower_from_copy(state, raw.get("mm_image_tower") or "", dtype)
+    vprefix, copy_used = released.copy_prefix(state), True
+  else:
+    raise ConversionError(
+        f"{path}: mm_image_tower={raw.get('mm_image_tower')!r} is not a local directory and "
+        f"the weights hold no copy of the tower ({released.TOWER_COPY}*); download the "
+        "tower and pass its directory (--image_tower DIR)")
   strategy = {"patch": "default", "cls_patch": "full"}[raw.get("mm_vision_select_feature", "patch")]
   cfg = VLMConfig(vision=vision, text=text, projector=raw.get("image_projector_type", "linear"),
                   vision_feature_layer=int(raw["mm_vision_select_layer"]),
                   vision_feature_select_strategy=strategy,
-                  image_token_id=_image_token_id(path, raw, image_token_id))
-  return state, cfg, vprefix
+                  image_token_id=_image_token_id(path, raw, text.vocab_size, image_token_id))
+  return state, cfg, vprefix, copy_used
 
 
 # ------------------------------------------- our checkpoints (moe-vlm convert)
@@ -622,10 +782,12 @@ def to_hf(out_dir: str, *, workdir: Optional[str] = None, stage: int = 3, config
   FSDP over all devices) and written one tensor at a time (see `export_params`)."""
   from moe_vlm.experiment import Experiment, load_params
 
+  source = None
   if ckpt:
     cfg = load_config(vlm_config or os.path.join(ckpt, CONFIG_FILE))
     local = os.path.join(ckpt, "tokenizer")
     tokenizer = tokenizer or (local if os.path.isdir(local) else None)
+    source = released.SourceRecord.load(ckpt)
     params = load_params(os.path.join(ckpt, "params"), cfg, _export_mesh(mesh))
   elif workdir:
     exp = Experiment.from_workdir(workdir, config)
@@ -633,29 +795,38 @@ def to_hf(out_dir: str, *, workdir: Optional[str] = None, stage: int = 3, config
       mesh = exp.mesh()
     cfg = load_config(vlm_config) if vlm_config else exp.model_config(stage)
     if tokenizer is None and not vlm_config:
-      tokenizer = exp.tokenizer
+      # moe_llava: the tokenizer's files as they are (what MoE-LLaVA's loader reads).
+      moe_llava = resolve_layout(cfg, export_kw.get("layout", "auto")) == "moe_llava"
+      tokenizer = exp.tokenizer_dir if moe_llava else exp.tokenizer
     normalization = normalization or exp.settings.data.normalization
     params = load_params(exp.final_dir(stage), cfg, mesh)
   else:
     raise ValueError("to_hf needs a workdir or a converted checkpoint (ckpt)")
   return export_params(params_source(params), cfg, out_dir, tokenizer=tokenizer,
-                       normalization=normalization, **export_kw)
+                       normalization=normalization, source=source, **export_kw)
 
 
 def from_hf(hf_dir: str, out_dir: str, *, dtype: str = "float32",
-            image_token_id: Optional[int] = None, overwrite: bool = False) -> VLMConfig:
+            image_token_id: Optional[int] = None, image_tower: Optional[str] = None,
+            overwrite: bool = False) -> VLMConfig:
   """An exported / HF / MoE-LLaVA directory -> a converted checkpoint in `out_dir`
   (written into a temporary directory that becomes `out_dir` when complete; a non-empty
-  `out_dir` is replaced only with `overwrite`)."""
+  `out_dir` is replaced only with `overwrite`). A MoE-LLaVA directory's config.json,
+  tensor dtypes, unused tensors and side files are remembered (`released.SOURCE_FILE`),
+  so `to_hf` writes an unchanged model back as it was. See `import_vlm` for
+  `image_token_id` and `image_tower`."""
   from moe_vlm import checkpoint as ckpt_lib
 
   files.check_output_dir(os.path.abspath(out_dir), overwrite)
-  model = import_vlm(hf_dir, dtype=dtype, image_token_id=image_token_id)
+  model, source = import_with_source(hf_dir, dtype=dtype, image_token_id=image_token_id,
+                                     image_tower=image_tower)
   with files.output_dir(out_dir, overwrite=overwrite) as tmp:
     ckpt_lib.save_params(os.path.join(tmp, "params"), ParamCodec(model).flatten(model))
     if jax.process_index() == 0:
       save_config(model.cfg, os.path.join(tmp, CONFIG_FILE))
-      names = [n for n in _TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
+      if source is not None:
+        source.save(tmp)
+      names = _tokenizer_names(hf_dir)
       if names:
         os.makedirs(os.path.join(tmp, "tokenizer"))
         for n in names:
