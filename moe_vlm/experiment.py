@@ -33,7 +33,7 @@ from moe_vlm import checkpoint as ckpt_lib
 from moe_vlm import schema
 from moe_vlm.data import tokenizer as tokenizer_lib
 from moe_vlm.files import sync, write_json
-from moe_vlm.models.config import ConfigError, VLMConfig
+from moe_vlm.models.config import ConfigError, VLMConfig, from_dict
 from moe_vlm.models.params import Params
 from moe_vlm.models.vlm import VLM
 from moe_vlm.parallel import mesh as mesh_lib
@@ -92,10 +92,15 @@ def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLM
 
   s = settings_of(c)
   m = s.model
-  llava = None
-  if s.init.hf_llava:  # a whole LLaVA checkpoint: every architecture field is its own
-    llava = hf.vlm_config_from_hf(hf.load_hf_config(s.init.hf_llava))
-    text = _from_checkpoint("text", m.text, llava.text, s.init.hf_llava)
+  # A checkpoint of the whole VLM (a LLaVA directory, or a converted checkpoint of ours)
+  # fixes every architecture field; the config keeps only the execution ones.
+  whole, whole_path = None, s.init.hf_llava or s.init.ckpt
+  if s.init.hf_llava:
+    whole = hf.vlm_config_from_hf(hf.load_hf_config(s.init.hf_llava))
+  elif s.init.ckpt:
+    whole = converted_config(s.init.ckpt)
+  if whole is not None:
+    text = _from_checkpoint("text", m.text, whole.text, whole_path)
   elif s.init.hf_llm:
     text = _from_checkpoint("text", m.text,
                             hf.text_config_from_hf(hf.load_hf_config(s.init.hf_llm)),
@@ -104,8 +109,8 @@ def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLM
     text = dataclasses.replace(m.text, vocab_size=-(-len(tokenizer) // 64) * 64)
   else:
     text = m.text
-  if llava is not None:
-    vision = _from_checkpoint("vision", m.vision, llava.vision, s.init.hf_llava)
+  if whole is not None:
+    vision = _from_checkpoint("vision", m.vision, whole.vision, whole_path)
   elif s.init.hf_vision:
     theirs = hf.vision_config_from_hf(hf.vision_part(hf.load_hf_config(s.init.hf_vision)))
     vision = _from_checkpoint("vision", m.vision, theirs, s.init.hf_vision)
@@ -113,17 +118,29 @@ def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLM
     vision = m.vision
   optional = {"perceiver": m.perceiver} if m.perceiver is not None else {}
   wiring = dict(projector=m.projector, vision_feature_layer=m.vision_feature_layer,
-                vision_feature_select_strategy=m.vision_feature_select_strategy)
-  if llava is not None:
-    wiring = dict(projector=llava.projector, vision_feature_layer=llava.vision_feature_layer,
-                  vision_feature_select_strategy=llava.vision_feature_select_strategy)
-  image_token_id = ensure_image_token(tokenizer, text.vocab_size)
-  if llava is not None and image_token_id != llava.image_token_id:
-    raise ConfigError(f"the tokenizer ({s.data.tokenizer or s.init.hf_llm}) maps <image> to "
-                      f"{image_token_id} but {s.init.hf_llava} uses {llava.image_token_id}; "
-                      "set data.tokenizer to the LLaVA checkpoint's tokenizer")
-  cfg = VLMConfig(vision=vision, text=text, image_token_id=image_token_id,
-                  visual_expert=m.visual_expert, **wiring, **optional)
+                vision_feature_select_strategy=m.vision_feature_select_strategy,
+                visual_expert=m.visual_expert)
+  if whole is not None:
+    wiring = dict(projector=whole.projector, vision_feature_layer=whole.vision_feature_layer,
+                  vision_feature_select_strategy=whole.vision_feature_select_strategy,
+                  visual_expert=whole.visual_expert)
+    optional = {"perceiver": whole.perceiver}
+  if s.init.ckpt:
+    # The checkpoint's image id stands (a released MoE-LLaVA model's lies on a reserved
+    # row its tokenizer does not produce); a tokenizer with another <image> is not its.
+    image_token_id = whole.image_token_id
+    theirs = tokenizer.get_vocab().get(tokenizer_lib.IMAGE)
+    if theirs is not None and theirs != image_token_id:
+      raise ConfigError(f"the tokenizer maps <image> to {theirs} but {s.init.ckpt} uses "
+                        f"{image_token_id}: set data.tokenizer to the checkpoint's tokenizer")
+  else:
+    image_token_id = ensure_image_token(tokenizer, text.vocab_size)
+  if s.init.hf_llava and image_token_id != whole.image_token_id:
+    raise ConfigError(f"the tokenizer ({s.data.tokenizer or s.init.hf_llava}) maps <image> "
+                      f"to {image_token_id} but {s.init.hf_llava} uses {whole.image_token_id};"
+                      " set data.tokenizer to the LLaVA checkpoint's tokenizer")
+  cfg = VLMConfig(vision=vision, text=text, image_token_id=image_token_id, **wiring,
+                  **optional)
   cfg.validate()
   return cfg
 
@@ -138,11 +155,37 @@ def stage_model_config(c: ml_collections.ConfigDict | Settings, dense: VLMConfig
     return dense
   if s.stage3_kind == "lora":
     text = dataclasses.replace(dense.text, lora_moe=s.lora_moe)
+  elif dense.text.moe is not None:
+    # A checkpoint with MoE layers already (init.ckpt, e.g. a released MoE-LLaVA model):
+    # no upcycling; its experts stay what they are and the `moe` block sets how they run.
+    text = dataclasses.replace(dense.text, moe=dataclasses.replace(
+        s.moe, **{f: getattr(dense.text.moe, f) for f in MOE_ARCHITECTURE}))
   else:
     text = dataclasses.replace(dense.text, moe=s.moe)
   cfg = dataclasses.replace(dense, text=text)
   cfg.validate()
   return cfg
+
+
+# MoEConfig fields that say what the experts are (from a checkpoint that has them),
+# the others how tokens are routed to them (from the experiment's `moe` block).
+MOE_ARCHITECTURE = ("num_experts", "top_k", "moe_mode", "moe_layers_idx", "renormalize",
+                    "expert_intermediate_size")
+
+# A converted checkpoint (`moe-vlm convert from-hf` output), the other model directory
+# this project reads: the one place that spells its layout.
+CKPT_PARAMS, CKPT_CONFIG, CKPT_TOKENIZER = "params", "moe_vlm_config.json", "tokenizer"
+CKPT_PROCESSOR = "preprocessor_config.json"
+
+
+def converted_config(ckpt: str) -> VLMConfig:
+  """The VLMConfig a converted checkpoint was written with."""
+  path = os.path.join(ckpt, CKPT_CONFIG)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {ckpt} is not a converted checkpoint (make "
+                            "one with `moe-vlm convert from-hf`)")
+  with open(path) as f:
+    return from_dict(VLMConfig, json.load(f), CKPT_CONFIG)
 
 
 # ------------------------------------------------------------------ the experiment
@@ -190,6 +233,8 @@ class Experiment:
   @property
   def tokenizer_dir(self) -> str:
     s = self.settings
+    if s.init.ckpt and not s.data.tokenizer:
+      return os.path.join(s.init.ckpt, CKPT_TOKENIZER)
     return (s.data.tokenizer or s.init.hf_llm or s.init.hf_llava
             or os.path.join(self.data_dir, "tokenizer"))
 
@@ -270,6 +315,14 @@ class Experiment:
       raise FileNotFoundError(f"{final} holds no parameters: stage {k} has not finished "
                               "in this workdir")
     return load_params(final, self.model_config(k), mesh)
+
+  def init_checkpoint_params(self, mesh: Optional[jax.sharding.Mesh] = None) -> Params:
+    """The parameters of `init.ckpt` (a converted checkpoint), onto `mesh`: where the
+    run's first stage starts when it has no predecessor in this workdir."""
+    ckpt = self.settings.init.ckpt
+    if not ckpt:
+      raise ValueError("init.ckpt is not set")
+    return load_params(os.path.join(ckpt, CKPT_PARAMS), self.dense_config, mesh)
 
   def load_model(self, k: int, mesh: Optional[jax.sharding.Mesh] = None) -> VLM:
     """Stage k's trained model (see `load_params`)."""

@@ -106,11 +106,25 @@ _TEXT_EXCLUDED = ("moe", "lora_moe")
 
 @dataclasses.dataclass(frozen=True)
 class InitSettings:
-  """Pretrained starting points: local HF directories (config.json + safetensors)."""
+  """Pretrained starting points: local HF directories (config.json + safetensors), or
+  `ckpt`, a converted checkpoint (`moe-vlm convert from-hf` output, e.g. a released
+  MoE-LLaVA model): the architecture is then the checkpoint's (MoE layers included,
+  stage 3 does not upcycle them again) and the run's first stage starts from its
+  parameters."""
 
   hf_vision: str = ""
   hf_llm: str = ""
   hf_llava: str = ""
+  ckpt: str = ""
+
+  def validate(self) -> None:
+    given = [f for f in ("hf_vision", "hf_llm", "hf_llava") if getattr(self, f)]
+    if self.ckpt and given:
+      raise ConfigError(f"init.ckpt and init.{given[0]} both set: a converted checkpoint "
+                        "holds the whole model; give one of them")
+    if self.hf_llava and given != ["hf_llava"]:
+      raise ConfigError("init.hf_llava holds the whole model: init.hf_vision / init.hf_llm "
+                        "must stay empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +217,12 @@ class ExperimentConfig:
   eval: EvalSettings = EvalSettings()
 
   def validate(self) -> None:
-    """Checks that need no tokenizer, checkpoint or device (see `Experiment.validate`
-    for the rest)."""
+    """Checks that need no tokenizer, checkpoint or device (`train.loop.check_stages`
+    does the rest before the first stage trains)."""
     for k in STAGES:
       self.stages.get(k).validate(f"stages.stage{k}")
     self.data.validate()
+    self.init.validate()
     self.checkpoint.validate()
     self.eval.validate()
     _at_least("", self, log_every=1)

@@ -55,7 +55,7 @@ class Preempted(RuntimeError):
   """SIGTERM arrived; a checkpoint was saved. Rerun the same command to resume."""
 
 
-class StageSettingsError(ValueError):
+class StageSettingsError(ConfigError):
   """A stage cannot run as configured; raised before any stage trains."""
 
 
@@ -126,6 +126,8 @@ def initial_params(exp: Experiment, mesh: jax.sharding.Mesh) -> Params:
   from moe_vlm.convert import hf
 
   cfg, init = exp.dense_config, exp.settings.init
+  if init.ckpt:  # a converted checkpoint holds the whole model
+    return exp.init_checkpoint_params(mesh)
   codec = placement.abstract_codec(cfg)
   shardings = placement.shardings(cfg, mesh)
   params: Params = {}
@@ -463,7 +465,7 @@ def check_stages(exp: Experiment, stages: Sequence[int], mesh: jax.sharding.Mesh
       if k not in schema.STAGES:
         raise ValueError(f"MoE-Tuning has stages {schema.STAGES}")
       cfg = exp.model_config(k)
-      if k == 3 and settings.stage3_kind == "moe":
+      if k == 3 and settings.stage3_kind == "moe" and exp.dense_config.text.moe is None:
         upcycle_check(exp.dense_config, settings.moe)
       mesh_lib.check_model_fits_mesh(cfg, mesh, s.batch_size)
       micro = s.batch_size // s.grad_accum
@@ -487,7 +489,8 @@ def check_stages(exp: Experiment, stages: Sequence[int], mesh: jax.sharding.Mesh
         if missing:
           raise FileNotFoundError(f"stages.stage{k}.data: {missing} not found "
                                   f"(data.dir={exp.data_dir})")
-      if k > 1 and k - 1 not in stages and not exp.has_final(k - 1):
+      if (k > 1 and k - 1 not in stages and not exp.has_final(k - 1)
+          and not settings.init.ckpt):
         raise FileNotFoundError(f"stage {k} starts from stage {k - 1}'s parameters, but "
                                 f"{exp.final_dir(k - 1)} does not exist: run stage {k - 1} "
                                 "first")
@@ -514,6 +517,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, stages: Sequence[int] = (1
   def previous(k: int) -> Params:
     if k - 1 in latest:
       return latest.pop(k - 1)  # handed over (and donated) to stage k
+    if not exp.has_final(k - 1) and settings.init.ckpt:
+      return exp.init_checkpoint_params(mesh)  # fine-tuning a converted checkpoint
     return exp.load_params(k - 1, mesh)
 
   for k in stages:
@@ -523,6 +528,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, stages: Sequence[int] = (1
       init = lambda: previous(2)
     elif settings.stage3_kind == "lora":
       init = lambda: add_new_params(previous(3), exp.model_config(3), mesh, settings.seed)
+    elif exp.dense_config.text.moe is not None:  # MoE layers already (init.ckpt)
+      init = lambda: previous(3)
     else:
       init = lambda: upcycle_params(previous(3), exp.dense_config, settings.moe,
                                     seed=settings.seed, mesh=mesh)
