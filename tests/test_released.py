@@ -1,24 +1,25 @@
 """MoE-LLaVA's released checkpoint directories, converted as they are (offline).
 
 Each test builds, from a random JAX model of ours, a tiny directory laid out like a
-released variant (LanguageBind/MoE-LLaVA-{StableLM-1.6B,Qwen,Phi2-2.7B}-4e[-384]): its
+released variant (LanguageBind/MoE-LLaVA-{StableLM-1.6B,Qwen-1.8B,Phi2-2.7B}-4e[-384],
+and a Qwen1.5 one as MoE-LLaVA's qwen1_5 classes write it): its
 config.json fields (hub id in `mm_image_tower`, `auto_map`, `max_position_embeddings`,
 `tokenizer_model_max_length`, ...), bf16 weights in two shards under MoE-LLaVA's names
 (written here from the names MoE-LLaVA's modules have, not through our key tables)
 with the tower's copy under `model.image_tower.image_tower.vision_model.*` (SigLIP's
 with its attention-pool head), and the tokenizer files without `<image>`: Arcade100k's
-tiktoken file for StableLM, CodeGen's vocab.json + merges.txt for Phi-2, Qwen2's for
-Qwen1.5. Checked:
+tiktoken file for StableLM, Qwen-1's qwen.tiktoken (with its `transformer.h.*`, fused
+`c_attn`, `w1`/`w2`/`c_proj` names), CodeGen's vocab.json + merges.txt for Phi-2, Qwen2's
+for Qwen1.5. Checked:
 1. `moe-vlm convert from-hf --hf DIR --out CKPT` converts it; the converted model's logits
    equal those of the model the directory was written from; the tower read from the
    copy equals transformers' CLIP/SigLIP vision model on those tensors;
 2. `to-hf --ckpt CKPT` reproduces config.json, every tensor (name, dtype, bits), the
    tokenizer files and generation_config.json;
 3. prompt ids: ours equal MoE-LLaVA's `tokenizer_image_token` (transcribed below) with
-   its -200 replaced by the image's reserved row, for every tokenizer; Arcade100k's ids
-   equal a transcription of its original class on tiktoken;
-4. refusals: an unknown tower name, no spare embedding row, Qwen-1's layout.
-Qwen-1 (`moe_llava_qwen`, `transformer.h.*` keys) is not supported: see test 4.
+   its -200 replaced by the image's reserved row, for every tokenizer; Arcade100k's and
+   Qwen-1's ids equal a transcription of their original classes on tiktoken;
+4. refusals: an unknown tower name, no spare embedding row, an unsupported family.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ TEXT = {
                            mlp="gated", qkv_bias=True, partial_rotary_factor=0.25, **COMMON),
     "qwen1_5": TextConfig(family="qwen2", vocab_size=320, norm="rms", norm_eps=1e-6,
                           mlp="gated", qkv_bias=True, rope_theta=1e6, **COMMON),
+    # Qwen-1 (QWenLMHeadModel): the Qwen2 computation, c_attn with bias, no other bias.
+    "qwen": TextConfig(family="qwen2", vocab_size=151936, norm="rms", norm_eps=1e-6,
+                       mlp="gated", qkv_bias=True, **COMMON),
     # Phi-2: parallel residual, biased plain MLP, 40% rotary; MoE checkpoints have no
     # lm_head bias.
     "phi2": TextConfig(family="phi", vocab_size=320, norm="layer", norm_eps=1e-5, mlp="plain",
@@ -80,6 +84,7 @@ TEXT = {
 VARIANTS = {
     "StableLM-1.6B-4e": ("stablelm", CLIP, CLIP_NAME, "arcade100k", "stablelm", "Stablelm"),
     "Qwen1.5-1.8B-4e": ("qwen1_5", CLIP, CLIP_NAME, "qwen2", "qwen1_5", "Qwen1_5"),
+    "Qwen-1.8B-4e": ("qwen", CLIP, CLIP_NAME, "qwen_tiktoken", "qwen", "QWen"),
     "Phi2-2.7B-4e": ("phi2", CLIP, CLIP_NAME, "codegen", "phi", "Phi"),
     "Phi2-2.7B-4e-384": ("phi2", SIGLIP, SIGLIP_NAME, "codegen", "phi", "Phi"),
 }
@@ -117,9 +122,10 @@ def _bpe(out: str, added: list[str], cls: str, roles: dict) -> int:
   return n + len(added)
 
 
-def _arcade_ranks() -> dict[bytes, int]:
-  """100256 ranks (ids 0..100255, as Arcade100k's): the 256 bytes, every prefix of the
-  corpus' words (so BPE merges reach whole words), then filler tokens no text reaches."""
+def _tiktoken_ranks(n: int) -> dict[bytes, int]:
+  """n ranks (ids 0..n-1; Arcade100k has 100256, Qwen-1 151643): the 256 bytes, every
+  prefix of the corpus' words (so BPE merges reach whole words), then filler tokens no
+  text reaches."""
   ranks = {bytes([b]): b for b in range(256)}
   for word in " ".join(CORPUS).replace(".", " .").split():
     for piece in (word, " " + word):
@@ -127,17 +133,35 @@ def _arcade_ranks() -> dict[bytes, int]:
       for end in range(2, len(data) + 1):
         ranks.setdefault(data[:end], len(ranks))
   i = 0
-  while len(ranks) < 100256:
+  while len(ranks) < n:
     ranks.setdefault(b"\x00\x00" + i.to_bytes(3, "big"), len(ranks))
     i += 1
   return ranks
 
 
+def _write_ranks(file: str, n: int) -> None:
+  with open(file, "w") as f:
+    for token, rank in _tiktoken_ranks(n).items():
+      f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+
+
+def _qwen_tiktoken(out: str) -> int:
+  os.makedirs(out, exist_ok=True)
+  _write_ranks(os.path.join(out, "qwen.tiktoken"), 151643)
+  with open(os.path.join(out, "tokenization_qwen.py"), "w") as f:
+    f.write("raise RuntimeError('remote code must not run')\n")
+  # MoE-LLaVA's training adds unk <|extra_0|> and eos <|endoftext|> (both Qwen specials).
+  roles = dict(eos_token="<|endoftext|>", unk_token="<|extra_0|>", pad_token="<|extra_0|>")
+  _json(os.path.join(out, "tokenizer_config.json"),
+        dict(tokenizer_class="QWenTokenizer", model_max_length=2048, padding_side="right",
+             auto_map={"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}, **roles))
+  _json(os.path.join(out, "special_tokens_map.json"), roles)
+  return 151851
+
+
 def _arcade100k(out: str) -> int:
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "arcade100k.tiktoken"), "w") as f:
-    for token, rank in _arcade_ranks().items():
-      f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+  _write_ranks(os.path.join(out, "arcade100k.tiktoken"), 100256)
   # The released directory carries the remote code; we copy it, never run it.
   with open(os.path.join(out, "tokenization_arcade100k.py"), "w") as f:
     f.write("raise RuntimeError('remote code must not run')\n")
@@ -154,6 +178,8 @@ def write_tokenizer(kind: str, out: str) -> int:
   """Tokenizer files as the released directory has them; returns len(tokenizer)."""
   if kind == "arcade100k":
     return _arcade100k(out)
+  if kind == "qwen_tiktoken":
+    return _qwen_tiktoken(out)
   if kind == "codegen":  # training added <|extra_0|> as unk
     return _bpe(out, ["<|endoftext|>", "<|extra_0|>"], "CodeGenTokenizer",
                 dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
@@ -206,6 +232,18 @@ def released_config(variant: str) -> dict:
              rope_pct=t.partial_rotary_factor, norm_eps=t.norm_eps, use_qkv_bias=True,
              max_position_embeddings=4096, rotary_scaling_factor=1.0, bos_token_id=100257,
              eos_token_id=100257)
+  elif text_name == "qwen":  # QWenConfig's own fields, no transformers-style ones
+    for k in ("hidden_act", "rope_theta", "num_key_value_heads"):
+      del c[k]
+    c.update(auto_map={"AutoConfig": "Qwen/Qwen-1_8B--configuration_qwen.QWenConfig",
+                       "AutoModelForCausalLM": "Qwen/Qwen-1_8B--modeling_qwen.QWenLMHeadModel"},
+             intermediate_size=2 * t.intermediate_size, kv_channels=t.hidden_size // t.num_heads,
+             layer_norm_epsilon=t.norm_eps, rotary_emb_base=10000, rotary_pct=1.0, no_bias=True,
+             seq_length=8192, max_position_embeddings=8192, use_dynamic_ntk=True,
+             use_logn_attn=True, use_flash_attn="auto", scale_attn_weights=True, bf16=False,
+             fp16=False, fp32=False, emb_dropout_prob=0.0, attn_dropout_prob=0.0,
+             softmax_in_fp32=False, onnx_safe=None, tokenizer_class="QWenTokenizer")
+    c["moe"]["train_modules"] = ["mlp.w1", "mlp.w2", "mlp.c_proj", "wg"]
   elif text_name == "qwen1_5":
     c.update(rms_norm_eps=t.norm_eps, max_position_embeddings=32768, max_window_layers=21,
              sliding_window=32768, use_sliding_window=False, attention_dropout=0.0,
@@ -218,9 +256,10 @@ def released_config(variant: str) -> dict:
   return c
 
 
-def released_state(model: VLM) -> dict[str, np.ndarray]:
+def released_state(model: VLM, qwen1: bool = False) -> dict[str, np.ndarray]:
   """The model's tensors under the names MoE-LLaVA's modules give them (a transcription
-  of those modules' attribute names, independent of moe_vlm.convert.keymap)."""
+  of those modules' attribute names, independent of moe_vlm.convert.keymap); `qwen1`:
+  its Qwen-1 classes (QWenLMHeadModel's `transformer.*`)."""
   p = {k: np.asarray(v[...], np.float32) for k, v in hf.flat_params(model).items()}
   t, v = model.cfg.text, model.cfg.vision
   out = {}
@@ -238,8 +277,10 @@ def released_state(model: VLM) -> dict[str, np.ndarray]:
   layer_norm = t.norm == "layer"
   mlp_names = ({"wi": "fc1", "wo": "fc2"} if t.mlp == "plain" else
                {"wi_gate": "gate_proj", "wi_up": "up_proj", "wo": "down_proj"})
+  if qwen1:
+    _qwen1_text(p, t, out, linear)
   out["model.embed_tokens.weight"] = p["llm.embed"]
-  for i in range(t.num_layers):
+  for i in range(t.num_layers if not qwen1 else 0):
     h, o = f"model.layers.{i}", f"llm.layers.{i}"
     norm(f"{h}.input_layernorm", f"{o}.input_norm", layer_norm)
     for theirs, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
@@ -260,13 +301,17 @@ def released_state(model: VLM) -> dict[str, np.ndarray]:
     else:
       for ours, theirs in mlp_names.items():
         linear(f"{h}.mlp.{theirs}", f"{o}.mlp.{ours}", t.mlp_bias)
-  norm("model.final_layernorm" if t.family == "phi" else "model.norm", "llm.final_norm",
-       layer_norm)
+  if qwen1:
+    del out["model.embed_tokens.weight"]
+  else:
+    norm("model.final_layernorm" if t.family == "phi" else "model.norm", "llm.final_norm",
+         layer_norm)
   out["lm_head.weight"] = p["llm.lm_head.kernel"].T
-  linear("model.mm_projector.image_spatial_proj.0", "projector.linear_1")
-  linear("model.mm_projector.image_spatial_proj.2", "projector.linear_2")
+  meta = "transformer." if qwen1 else "model."  # LlavaMetaModel: the decoder body
+  linear(f"{meta}mm_projector.image_spatial_proj.0", "projector.linear_1")
+  linear(f"{meta}mm_projector.image_spatial_proj.2", "projector.linear_2")
   # CLIPVisionTower / SiglipVisionTower: self.image_tower = *VisionModel (.vision_model)
-  c = "model.image_tower.image_tower.vision_model."
+  c = f"{meta}image_tower.image_tower.vision_model."
   out[f"{c}embeddings.patch_embedding.weight"] = p["vision.patch_kernel"].transpose(3, 2, 0, 1)
   out[f"{c}embeddings.position_embedding.weight"] = p["vision.pos_embedding"]
   if v.variant == "clip":
@@ -295,6 +340,33 @@ def released_state(model: VLM) -> dict[str, np.ndarray]:
                         ("mlp.fc2.weight", (d, v.intermediate_size)), ("mlp.fc2.bias", (d,))):
       out[f"{c}head.{name}"] = rng.randn(*shape).astype(np.float32)
   return {k: np.ascontiguousarray(x).astype(ml_dtypes.bfloat16) for k, x in out.items()}
+
+
+def _qwen1_text(p, t, out, linear) -> None:
+  """QWenLMHeadModel: wte, h.{i}.{ln_1, attn.c_attn (q|k|v rows), attn.c_proj, ln_2,
+  mlp.{w1, w2, c_proj}} with c_proj(w1(x) * silu(w2(x))), ln_f; DeepSpeed experts."""
+  out["transformer.wte.weight"] = p["llm.embed"]
+  for i in range(t.num_layers):
+    h, o = f"transformer.h.{i}", f"llm.layers.{i}"
+    out[f"{h}.ln_1.weight"] = p[f"{o}.input_norm.scale"]
+    out[f"{h}.attn.c_attn.weight"] = np.concatenate(
+        [p[f"{o}.attn.{n}.kernel"].T for n in ("query", "key", "value")])
+    out[f"{h}.attn.c_attn.bias"] = np.concatenate(
+        [p[f"{o}.attn.{n}.bias"] for n in ("query", "key", "value")])
+    linear(f"{h}.attn.c_proj", f"{o}.attn.out", False)
+    out[f"{h}.ln_2.weight"] = p[f"{o}.post_attn_norm.scale"]
+    names = {"wi_up": "w1", "wi_gate": "w2", "wo": "c_proj"}
+    if i in t.moe_layers():
+      d = f"{h}.mlp.deepspeed_moe"
+      out[f"{d}.gate.wg.weight"] = p[f"{o}.mlp.router.kernel"].T
+      for e in range(t.moe.num_experts):
+        for ours, theirs in names.items():
+          out[f"{d}.experts.deepspeed_experts.{e}.{theirs}.weight"] = \
+              p[f"{o}.mlp.experts.{ours}"][e].T
+    else:
+      for ours, theirs in names.items():
+        linear(f"{h}.mlp.{theirs}", f"{o}.mlp.{ours}", False)
+  out["transformer.ln_f.weight"] = p["llm.final_norm.scale"]
 
 
 def _write_shards(state: dict[str, np.ndarray], out: str) -> None:
@@ -337,7 +409,7 @@ def built(variant: str, root: str) -> tuple[VLM, str, int]:
   _json(os.path.join(out, "config.json"), released_config(variant))
   _json(os.path.join(out, "generation_config.json"),
         {"_from_model_config": True, "transformers_version": "4.37.0"})
-  _write_shards(released_state(model), out)
+  _write_shards(released_state(model, qwen1=text_name == "qwen"), out)
   return model, out, n_tok
 
 
@@ -400,7 +472,7 @@ def test_released_directory_converts_as_it_is(variant, root):
   # The copy under model.image_tower.image_tower.* is the named tower's kind: transformers'
   # vision model of that config on the same tensors gives our features.
   state = hf.load_safetensors(src)
-  prefix = "model.image_tower.image_tower."
+  prefix = ("transformer." if "Qwen-1" in variant else "model.") + "image_tower.image_tower."
   copy = {k[len(prefix):]: torch.from_numpy(np.asarray(v).astype(np.float32))
           for k, v in state.items() if k.startswith(prefix)}
   vision = hf.vision_config_to_hf(cfg.vision)
@@ -485,9 +557,10 @@ def tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX
   return input_ids
 
 
-class Arcade100kReference:
-  """What MoE-LLaVA's Arcade100kTokenizer computes for `tokenizer(text).input_ids`, on
-  tiktoken (its own split pattern and special-token table, NFC, allowed_special="all")."""
+class TiktokenReference:
+  """What MoE-LLaVA's Arcade100kTokenizer / QWenTokenizer compute for
+  `tokenizer(text).input_ids`, on tiktoken (their split pattern and special-token
+  tables, NFC, allowed_special="all"; both override `tokenize`, add no special tokens)."""
 
   PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
          r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -498,16 +571,22 @@ class Arcade100kReference:
               "<commit_after>", "<reponame>", "<|endofprompt|>", "<|im_start|>",
               "<|im_end|>", "<|pause|>"] + [f"<|reg{i}|>" for i in range(8)]
              + ["<|extra0|>"])
+  QWEN_SPECIAL = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+                  + [f"<|extra_{i}|>" for i in range(205)])
   bos_token_id = None
 
   def __init__(self, path):
     import tiktoken
-    with open(os.path.join(path, "arcade100k.tiktoken"), "rb") as f:
-      ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in f.read().splitlines() if ln)}
-    special = {t: 100257 + i for i, t in enumerate(self.SPECIAL)}
-    self.enc = tiktoken.Encoding("arcade100k", pat_str=self.PAT, mergeable_ranks=ranks,
-                                 special_tokens=special)
-    assert len(ranks) + len(special) + 1 == self.enc.n_vocab
+    arcade = os.path.exists(os.path.join(path, "arcade100k.tiktoken"))
+    file, special, start, gap = (("arcade100k.tiktoken", self.SPECIAL, 100257, 1) if arcade
+                                 else ("qwen.tiktoken", self.QWEN_SPECIAL, 151643, 0))
+    with open(os.path.join(path, file), "rb") as f:
+      ranks = {base64.b64decode(t): int(r)
+               for t, r in (ln.split() for ln in f.read().splitlines() if ln)}
+    special = {t: start + i for i, t in enumerate(special)}
+    self.enc = tiktoken.Encoding(file.split(".")[0], pat_str=self.PAT,
+                                 mergeable_ranks=ranks, special_tokens=special)
+    assert len(ranks) + len(special) + gap == self.enc.n_vocab
 
   def __call__(self, text):
     ids = self.enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
@@ -518,14 +597,15 @@ PROMPTS = ["What is the colour of the shape?", "Is there a circle? Answer yes or
            "Describe <|endoftext|> the image  in detail.\n\nThanks", "café naïve ｆｕｌｌ"]
 
 
-@pytest.mark.parametrize("variant", ["StableLM-1.6B-4e", "Qwen1.5-1.8B-4e", "Phi2-2.7B-4e"])
+@pytest.mark.parametrize("variant", ["StableLM-1.6B-4e", "Qwen1.5-1.8B-4e", "Qwen-1.8B-4e",
+                                     "Phi2-2.7B-4e"])
 def test_prompt_ids_match_tokenizer_image_token(variant, root):
   from moe_vlm.data import templates
   from moe_vlm.infer import load as load_lib
 
   _, src, n_tok = built(variant, root)
   im = load_lib.load_checkpoint(converted(variant, root))
-  reference = (Arcade100kReference(src) if VARIANTS[variant][3] == "arcade100k"
+  reference = (TiktokenReference(src) if "tiktoken" in " ".join(os.listdir(src))
                else transformers.AutoTokenizer.from_pretrained(src))
   p = im.cfg.num_image_tokens
   for question in PROMPTS:
@@ -554,7 +634,7 @@ def test_tiktoken_tokenizer_matches_the_original_class(root):
 
   _, src, _ = built("StableLM-1.6B-4e", root)
   tok = tokenizer_lib.load_tokenizer(src)
-  ref = Arcade100kReference(src)
+  ref = TiktokenReference(src)
   for text in PROMPTS + CORPUS[:3]:
     assert tok(text, add_special_tokens=False)["input_ids"] == ref(text).input_ids
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -587,7 +667,7 @@ def test_refusals(root, tmp_path):
     export.import_vlm(bad)
   with pytest.raises(ConversionError, match="outside"):
     export.import_vlm(bad, image_token_id=n_tok)
-  # Qwen-1 (`moe_llava_qwen`: transformer.h.*, c_attn, w1/w2/c_proj) is another layout.
-  _json(os.path.join(bad, "config.json"), dict(config, model_type="moe_llava_qwen"))
-  with pytest.raises(ConversionError, match="Qwen-1"):
+  # A family MoE-LLaVA has classes for but we do not read.
+  _json(os.path.join(bad, "config.json"), dict(config, model_type="moe_llava_minicpm"))
+  with pytest.raises(ConversionError, match="'minicpm' is not supported"):
     export.import_vlm(bad)

@@ -222,16 +222,28 @@ def llava_state(model: VLM, *, drop_lm_head_bias: bool = False) -> dict[str, np.
                             drop_lm_head_bias=drop_lm_head_bias))
 
 
-def moe_llava_tensors(get: Source, cfg: VLMConfig, part: str) -> Iterator[tuple[str, np.ndarray]]:
+def moe_llava_rules(cfg: VLMConfig, qwen1: bool = False) -> list[keymap.Rule]:
+  """LLM + projector rules of MoE-LLaVA's layout; `qwen1`: its Qwen-1 classes' names
+  (`transformer.*`, see `keymap.qwen1_text_rules`)."""
+  if qwen1:
+    return (keymap.qwen1_text_rules(cfg.text, "llm.")
+            + keymap.moe_llava_projector_rules(
+                cfg.projector, hf="transformer.mm_projector.image_spatial_proj"))
+  return (keymap.text_rules(cfg.text, "llm.", "model.", "lm_head", "moe_llava")
+          + keymap.moe_llava_projector_rules(cfg.projector))
+
+
+def moe_llava_tensors(get: Source, cfg: VLMConfig, part: str,
+                      qwen1: bool = False) -> Iterator[tuple[str, np.ndarray]]:
   """part "text": LLM + projector tensors by MoE-LLaVA name; "vision": the vision tower's
   by CLIPVisionModel name, keeping the `vision_model.` prefix that transformers 4.x
   (MoE-LLaVA's) needs and 5.x accepts; "tower_copy": the tower as the released
   checkpoints carry it beside the LLM (`model.image_tower.image_tower.vision_model.*`)."""
   if part == "text":
-    rules = (keymap.text_rules(cfg.text, "llm.", "model.", "lm_head", "moe_llava")
-             + keymap.moe_llava_projector_rules(cfg.projector))
+    rules = moe_llava_rules(cfg, qwen1)
   elif part == "tower_copy":
-    rules = keymap.vision_rules(cfg.vision, "vision.", released.TOWER_COPY + "vision_model.")
+    base = released.TOWER_COPIES[1] if qwen1 else released.TOWER_COPY
+    rules = keymap.vision_rules(cfg.vision, "vision.", base + "vision_model.")
   else:
     rules = keymap.vision_rules(cfg.vision, "vision.", "vision_model.")
   return hf.export_tensors(get, rules)
@@ -397,7 +409,8 @@ def _export_llava(get: Source, cfg: VLMConfig, out_dir: str, tok: Any,
 
 # MoE-LLaVA's names per family: (model_type suffix, class-name part), see its
 # moellava/model/language_model/llava_*_moe.py. Qwen2 is its "qwen1_5" (Qwen1.5 = Qwen2
-# architecture); its "qwen" classes are Qwen-1, a different key layout we do not write.
+# architecture); its "qwen" classes are Qwen-1, a different key layout that we read, and
+# write only back to an unchanged Qwen-1 source (`keymap.qwen1_text_rules`).
 _MOE_LLAVA_FAMILIES = {"phi": ("phi", "Phi"), "stablelm": ("stablelm", "Stablelm"),
                        "qwen2": ("qwen1_5", "Qwen1_5"), "qwen2_moe": ("qwen1_5", "Qwen1_5"),
                        "llama": ("llama", "Llama"), "mistral": ("mistral", "Mistral")}
@@ -524,6 +537,10 @@ def _export_moe_llava(get: Source, cfg: VLMConfig, out_dir: str, final: str, tok
   elif not name.startswith(released.HUB_PREFIXES) and not os.path.isdir(name):
     log.warning("mm_image_tower=%r: MoE-LLaVA's build_image_tower takes only names starting "
                 "with %s", name, "/".join(released.HUB_PREFIXES))
+  same = source is not None and _same_architecture(source.config, cfg)
+  # Qwen-1's names only for an unchanged Qwen-1 source (a changed one is written with the
+  # model's own config: Qwen1.5's classes).
+  qwen1 = same and source.config.get("model_type") == "moe_llava_qwen"
   cast = _caster(dtype)
   disk_dtypes = {} if dtype or source is None else source.dtypes
 
@@ -533,8 +550,8 @@ def _export_moe_llava(get: Source, cfg: VLMConfig, out_dir: str, final: str, tok
       yield key, (value.astype(safetensors_io.numpy_dtype(want)) if want else cast(value))
 
   def weights():
-    yield from moe_llava_tensors(get, cfg, "text")
-    yield from moe_llava_tensors(get, cfg, "tower_copy")
+    yield from moe_llava_tensors(get, cfg, "text", qwen1)
+    yield from moe_llava_tensors(get, cfg, "tower_copy", qwen1)
     if source is not None:
       yield from source.extra.items()
 
@@ -550,7 +567,7 @@ def _export_moe_llava(get: Source, cfg: VLMConfig, out_dir: str, final: str, tok
     tok = tokenizer_lib.load_tokenizer(os.fspath(tokenizer))
   if tok is not None:
     _check_image_row(tok, cfg)
-  if source is not None and _same_architecture(source.config, cfg):
+  if same:
     config = dict(source.config)  # unchanged model: the source's config.json, as it was
     if mm_image_tower or not (config.get("mm_image_tower") or "").startswith(
         released.HUB_PREFIXES):
@@ -619,12 +636,12 @@ def import_with_source(path: str, *, dtype: str = "float32",
   elif mt.startswith(("moe_llava_", "llava_")):
     state, derived, vprefix, copy_used = _read_moe_llava(path, raw, dtype, image_token_id,
                                                          image_tower)
-    rules = lambda c: (keymap.text_rules(c.text, "llm.", "model.", "lm_head", "moe_llava")
-                       + keymap.moe_llava_projector_rules(c.projector)
+    qwen1 = mt == "moe_llava_qwen"
+    rules = lambda c: (moe_llava_rules(c, qwen1)
                        + keymap.vision_rules(c.vision, "vision.", vprefix))
     # SigLIP's attention-pool head has no counterpart; a copy of the tower inside the
     # checkpoint is not read when the tower comes from a directory.
-    ignore = [f"{vprefix}head."] + ([] if copy_used else [released.TOWER_COPY])
+    ignore = [f"{vprefix}head."] + ([] if copy_used else list(released.TOWER_COPIES))
   else:
     raise ConversionError(f"{path}: model_type={mt!r}; expected 'llava' or MoE-LLaVA's "
                           "'moe_llava_<family>' / 'llava_<family>'")
@@ -643,7 +660,7 @@ def import_with_source(path: str, *, dtype: str = "float32",
         # Tensors on disk the model does not hold. A tower copy not read (the tower came
         # from a directory) is not kept: the export writes the copy from our tower.
         extra={k: v for k, v in disk.items() if k not in used
-               and (copy_used or not k.startswith(released.TOWER_COPY))},
+               and (copy_used or not k.startswith(released.TOWER_COPIES))},
         files=released.read_side_files(path))
   return model, source
 
@@ -663,16 +680,19 @@ def _moe_llava_text_config(raw: Mapping[str, Any], dtype: str) -> TextConfig:
   import transformers
 
   family = raw["model_type"].split("llava_", 1)[1]
-  if family not in _HF_TYPE_OF_MOE_LLAVA:
-    raise ConversionError(f"MoE-LLaVA family {family!r} is not supported (Qwen-1 'qwen' uses "
-                          f"another key layout); supported: {sorted(_HF_TYPE_OF_MOE_LLAVA)}")
-  base = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "moe")
-          and not k.startswith(("mm_", "image_", "video_"))}
-  if "rope_pct" in base:  # StableLMEpochConfig spellings
-    base.setdefault("partial_rotary_factor", base.pop("rope_pct"))
-    base.setdefault("layer_norm_eps", base.pop("norm_eps", 1e-5))
-  hf_text = transformers.AutoConfig.for_model(_HF_TYPE_OF_MOE_LLAVA[family], **base)
-  text = hf.text_config_from_hf(hf_text, dtype)
+  if family == "qwen":
+    text = _qwen1_text_config(raw, dtype)
+  elif family not in _HF_TYPE_OF_MOE_LLAVA:
+    raise ConversionError(f"MoE-LLaVA family {family!r} is not supported; supported: "
+                          f"{sorted(_HF_TYPE_OF_MOE_LLAVA) + ['qwen']}")
+  else:
+    base = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "moe")
+            and not k.startswith(("mm_", "image_", "video_"))}
+    if "rope_pct" in base:  # StableLMEpochConfig spellings
+      base.setdefault("partial_rotary_factor", base.pop("rope_pct"))
+      base.setdefault("layer_norm_eps", base.pop("norm_eps", 1e-5))
+    hf_text = transformers.AutoConfig.for_model(_HF_TYPE_OF_MOE_LLAVA[family], **base)
+    text = hf.text_config_from_hf(hf_text, dtype)
   moe = raw.get("moe")
   if not moe or not moe.get("moe_enable", True):
     return text
@@ -689,6 +709,30 @@ def _moe_llava_text_config(raw: Mapping[str, Any], dtype: str) -> TextConfig:
       eval_capacity_factor=float(moe["eval_capacity_factor"]),
       min_capacity=int(moe["min_capacity"]), renormalize=top_k == 2,
       aux_loss_coef=float(moe.get("router_aux_loss_coef", 0.01))))
+
+
+def _qwen1_text_config(raw: Mapping[str, Any], dtype: str) -> TextConfig:
+  """QWenConfig (Qwen-1, remote code in transformers) -> TextConfig: the Qwen2 decoder
+  computes the same function (RMSNorm, rotate-half rotary, SwiGLU, q/k/v bias) up to
+  `seq_length` positions, past which Qwen-1's dynamic NTK and log-n attention scaling
+  (`use_dynamic_ntk`, `use_logn_attn`) would change it; ours does neither."""
+  try:
+    hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    kv = int(raw.get("kv_channels", hidden // heads))
+    no_bias = bool(raw.get("no_bias", True))
+    return TextConfig(
+        family="qwen2", vocab_size=int(raw["vocab_size"]), hidden_size=hidden,
+        # QWenMLP's width is intermediate_size // 2 (w1 and w2 each).
+        intermediate_size=int(raw["intermediate_size"]) // 2,
+        num_layers=int(raw["num_hidden_layers"]), num_heads=heads, num_kv_heads=heads,
+        head_dim=None if kv * heads == hidden else kv, norm="rms",
+        norm_eps=float(raw.get("layer_norm_epsilon", 1e-6)), mlp="gated", activation="silu",
+        qkv_bias=True, o_bias=not no_bias, mlp_bias=not no_bias,
+        rope_theta=float(raw.get("rotary_emb_base", 10000.0)),
+        partial_rotary_factor=float(raw.get("rotary_pct", 1.0)),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)), dtype=dtype)
+  except KeyError as e:
+    raise ConversionError(f"Qwen-1 config.json lacks {e.args[0]}") from None
 
 
 def _tower_dir(path: str, raw: Mapping[str, Any], given: Optional[str]) -> Optional[str]:

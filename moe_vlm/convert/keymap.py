@@ -209,3 +209,60 @@ def llava_rules(cfg: VLMConfig, vision_prefix: str = "model.vision_tower.",
 
 def hf_keys(rules: Sequence[Rule]) -> set[str]:
   return {k for r in rules for k in r.hf}
+
+
+# --------------------------------------------------- Qwen-1 (MoE-LLaVA's "qwen")
+
+
+def _split_qkv(a: Arrays) -> Arrays:
+  q, k, v = np.split(a[0], 3, axis=0)  # c_attn: [3 * D, ...], rows q | k | v
+  return [np.swapaxes(x, -1, -2) if x.ndim == 2 else x for x in (q, k, v)]
+
+
+def _fuse_qkv(a: Arrays) -> Arrays:
+  return [np.ascontiguousarray(np.concatenate(
+      [np.swapaxes(x, -1, -2) if x.ndim == 2 else x for x in a], axis=0))]
+
+
+def qwen1_text_rules(cfg: TextConfig, ours: str = "llm.", moe_layout: str = "moe_llava"
+                     ) -> list[Rule]:
+  """Qwen-1's QWenLMHeadModel (MoE-LLaVA's `llava_qwen` classes): `transformer.wte`,
+  `transformer.h.{i}.{ln_1, attn.c_attn (q|k|v fused), attn.c_proj, ln_2, mlp}`,
+  `transformer.ln_f`, `lm_head`. Its MLP is `c_proj(w1(x) * silu(w2(x)))`: w2 is our
+  gate, w1 our up projection. MoE layers: DeepSpeed's names around the same MLP."""
+  if moe_layout != "moe_llava":
+    raise ValueError("Qwen-1 weights exist only in MoE-LLaVA's layout")
+  names = (("wi_up", "w1"), ("wi_gate", "w2"), ("wo", "c_proj"))
+  moe_layers = set(cfg.moe_layers())
+  rules = [copy(f"{ours}embed", "transformer.wte.weight")]
+  for i in range(cfg.num_layers):
+    o, h = f"{ours}layers.{i}", f"transformer.h.{i}"
+    rules += norm(f"{o}.input_norm", f"{h}.ln_1", False)
+    qkv = tuple(f"{o}.attn.{n}" for n in ("query", "key", "value"))
+    rules.append(Rule(tuple(f"{x}.kernel" for x in qkv), (f"{h}.attn.c_attn.weight",),
+                      _split_qkv, _fuse_qkv))
+    if cfg.qkv_bias:
+      rules.append(Rule(tuple(f"{x}.bias" for x in qkv), (f"{h}.attn.c_attn.bias",),
+                        _split_qkv, _fuse_qkv))
+    rules += linear(f"{o}.attn.out", f"{h}.attn.c_proj", cfg.o_bias)
+    rules += norm(f"{o}.post_attn_norm", f"{h}.ln_2", False)
+    if i in moe_layers:
+      d = f"{h}.mlp.deepspeed_moe"
+      rules.append(Rule((f"{o}.mlp.router.kernel",), (f"{d}.gate.wg.weight",),
+                        _transpose_view, _transpose))
+      for mine, theirs in names:
+        experts = tuple(f"{d}.experts.deepspeed_experts.{e}.{theirs}"
+                        for e in range(cfg.moe.num_experts))
+        rules.append(Rule((f"{o}.mlp.experts.{mine}",), tuple(f"{x}.weight" for x in experts),
+                          _stack, _unstack))
+        if cfg.mlp_bias:
+          rules.append(Rule((f"{o}.mlp.experts.{mine}_bias",),
+                            tuple(f"{x}.bias" for x in experts),
+                            lambda a: [np.stack(a)], lambda a: list(a[0])))
+    else:
+      for mine, theirs in names:
+        rules += linear(f"{o}.mlp.{mine}", f"{h}.mlp.{theirs}", cfg.mlp_bias)
+  rules += norm(f"{ours}final_norm", "transformer.ln_f", False)
+  if not cfg.tie_embeddings:
+    rules += linear(f"{ours}lm_head", "lm_head", cfg.lm_head_bias)
+  return rules

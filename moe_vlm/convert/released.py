@@ -9,6 +9,7 @@ differs from what `moe-vlm convert to-hf` used to write in three ways:
   `model.image_tower.image_tower.vision_model.*`. `tower_from_copy` reads it: the shapes
   give the sizes, the named tower's published config gives what shapes cannot tell
   (attention heads, layer-norm eps, activation, SigLIP's 384 px for 27 x 27 patches).
+  (Qwen-1's classes put it, like the projector, under `transformer.`.)
 - The tokenizer has no `<image>`: MoE-LLaVA splices IMAGE_TOKEN_INDEX = -200, an id
   outside the vocabulary, into the prompt ids and replaces that position with the image
   features. Our model replaces positions holding `image_token_id` and looks every id up
@@ -45,8 +46,10 @@ from moe_vlm.models.config import VisionConfig
 
 log = logging.getLogger("moe_vlm")
 
-# The weights' copy of the tower (CLIPVisionTower / SiglipVisionTower.image_tower).
+# The weights' copy of the tower (CLIPVisionTower / SiglipVisionTower.image_tower) under
+# the LLaVA meta-model: `model.` for most families, `transformer.` for Qwen-1.
 TOWER_COPY = "model.image_tower.image_tower."
+TOWER_COPIES = (TOWER_COPY, "transformer.image_tower.image_tower.")
 SOURCE_FILE = "moe_vlm_source.json"
 EXTRA_FILE = "moe_vlm_source_extra.safetensors"
 SIDE_FILES = ("generation_config.json",)
@@ -83,12 +86,13 @@ def known_tower_name(vision: VisionConfig) -> Optional[str]:
 
 
 def has_tower_copy(state: Mapping[str, Any]) -> bool:
-  return any(k.startswith(TOWER_COPY) for k in state)
+  return any(k.startswith(TOWER_COPIES) for k in state)
 
 
 def copy_prefix(state: Mapping[str, Any]) -> str:
-  nested = TOWER_COPY + "vision_model."
-  return nested if any(k.startswith(nested) for k in state) else TOWER_COPY
+  base = next((b for b in TOWER_COPIES if any(k.startswith(b) for k in state)), TOWER_COPY)
+  nested = base + "vision_model."
+  return nested if any(k.startswith(nested) for k in state) else base
 
 
 def tower_from_copy(state: Mapping[str, np.ndarray], name: str,
