@@ -24,6 +24,7 @@ MoEMode = Literal["sparse", "dense", "first_half", "second_half"]
 Dispatch = Literal["capacity", "dropless"]
 EPImpl = Literal["gspmd", "shard_map"]
 GmmImpl = Literal["auto", "ragged_dot", "blocked"]
+EPExchange = Literal["auto", "ragged", "padded"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,13 @@ class MoEConfig:
   # all-to-alls (moe_vlm.parallel.expert_parallel; the capacity path then needs
   # `group_size`). Same results either way; no effect without a mesh.
   ep_impl: EPImpl = "gspmd"
+  # How the dropless shard_map path moves tokens to their expert shard and back:
+  # "ragged" = jax.lax.ragged_all_to_all, only the routed rows travel (TPU/GPU; XLA:CPU
+  # does not implement it); "padded" = the same exchange emulated with a dense
+  # all_to_all, each peer a slot sized for the worst case (runs anywhere; moves up to
+  # ep times the routed rows); "auto" = "padded" on a CPU mesh, "ragged" otherwise.
+  # Same results either way; only read with ep_impl="shard_map", dispatch="dropless".
+  ep_exchange: EPExchange = "auto"
   # "gumbel": in training, sample the second expert as DeepSpeed 0.9.5 does (top-2
   # only); evaluation is always deterministic top-k.
   second_expert_noise: Literal["none", "gumbel"] = "none"
@@ -106,6 +114,9 @@ class MoEConfig:
           f"moe.dispatch={self.dispatch!r}: expected 'capacity' or 'dropless'")
     if self.ep_impl not in ("gspmd", "shard_map"):
       raise ConfigError(f"moe.ep_impl={self.ep_impl!r}: expected 'gspmd' or 'shard_map'")
+    if self.ep_exchange not in ("auto", "ragged", "padded"):
+      raise ConfigError(f"moe.ep_exchange={self.ep_exchange!r}: expected 'auto', 'ragged' or "
+                        "'padded'")
     if self.gmm_impl not in ("auto", "ragged_dot", "blocked"):
       raise ConfigError(f"moe.gmm_impl={self.gmm_impl!r}: expected 'auto', 'ragged_dot' or "
                         "'blocked'")

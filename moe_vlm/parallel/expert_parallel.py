@@ -1,34 +1,45 @@
-"""Expert parallelism written out with shard_map and all-to-all.
+"""Expert parallelism's collectives: the shard_map layout and the token exchanges.
 
 The default (`moe.ep_impl="gspmd"`) leaves the token <-> expert relayout to GSPMD: the
-MoE layer only names logical axes and the partitioner picks the collectives. This
-module is the explicit alternative (`moe.ep_impl="shard_map"`), as MaxText and
-DeepSpeed do it: every device
+MoE layer only names logical axes and the partitioner picks the collectives. The
+explicit alternative (`moe.ep_impl="shard_map"`) runs the MoE layer's routing core
+(`moe_vlm.models.routing`) on every device, as MaxText and DeepSpeed do:
 
-  1. routes its own tokens (the batch is split over `data` x `fsdp` x `expert`),
-  2. packs them per destination expert shard,
-  3. `all_to_all` over the `expert` axis: each device receives, from every member of
-     its expert group, the tokens routed to its E/ep local experts,
-  4. runs its local experts,
-  5. `all_to_all` back and combines the k choices of each token.
+  1. each device routes its own tokens (the batch is split over `data` x `fsdp` x
+     `expert`) and packs them per expert (capacity buffers, or rows sorted by expert),
+  2. the tokens travel over the `expert` axis to the device holding their expert,
+  3. that device runs its E/ep local experts,
+  4. the outputs travel back and are combined with the gates where the tokens live.
 
-Semantics are those of `moe_vlm.models.moe` exactly (same groups, capacities, drops,
-aux loss and statistics), so a run may switch implementation without changing its
-numbers beyond float rounding.
+Who owns what: `moe_vlm.models.routing` owns the routing semantics and
+`moe_vlm.models.moe` the layer, which builds the per-device body and hands this module
+the mesh and its experts as functions; this module owns steps 2-4's communication
+only (`capacity_exchange`, `dropless_exchange`), the shard_map around the body
+(`expert_shard_map`) and the mesh checks. It imports nothing from `moe_vlm.models`.
+
+Capacity path: [E, G*C, D] buffers, one `all_to_all` there and one back.
+
+Dropless path (MaxText's `sparse_matmul` design): rows sorted by expert, hence by
+destination shard, are sent with `jax.lax.ragged_all_to_all` (only the routed rows
+travel; offsets from one all_gather of the [ep, E/ep] row counts), sorted on arrival
+by local expert ("local permute"), run through the grouped matmul, unsorted and sent
+back with the transposed offsets. XLA:CPU does not implement `ragged_all_to_all`, so
+`ragged_all_to_all_padded` emulates the same collective (same arguments, same
+result) with a dense `all_to_all` of one worst-case slot per peer; `moe.ep_exchange`
+picks ("auto": padded on CPU meshes, ragged elsewhere). Both run the same offset
+arithmetic, so the CPU tests of the padded exchange test the ragged path's offsets.
+
+Buffers: per device n tokens x k choices = N rows; a token sends at most min(k, E/ep)
+rows to one shard, so a peer slot holds n * min(k, E/ep) rows and a receive buffer ep
+times that (nothing is ever dropped). Rows of the receive buffer past the routed ones
+are padding: the grouped matmul skips them and nothing reads them.
 
 Weights: the expert weights enter with spec P("expert"), i.e. whole experts per device.
 Where the rules also split them over `fsdp`/`model` (the default rules do), the
 partitioner all-gathers those shards before the shard_map, which is FSDP's gather at
 use; their gradient is summed over the batch axes and resharded on the way back.
-Tensor parallelism inside the experts
-over `model` is not done here: devices that differ only in `model` compute the same
-thing.
-
-Dropless exchange: `jax.lax.ragged_all_to_all` would send exactly the routed rows, but
-XLA:CPU does not implement it, so the default exchange uses fixed-size buffers sized for
-the worst case (every local assignment going to one shard): `ep` times the rows of an
-exact exchange. `ragged=True` switches to `ragged_all_to_all` for TPU/GPU; its offset
-arithmetic is tested on CPU against an emulation of the collective.
+Tensor parallelism inside the experts over `model` is not done here: devices that
+differ only in `model` compute the same thing.
 """
 
 from __future__ import annotations
@@ -37,26 +48,23 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from moe_vlm.models import gmm
-from moe_vlm.models import moe as moe_lib
-from moe_vlm.parallel.mesh import BATCH_AXES, MeshError, axis_size, current_mesh
+from moe_vlm.parallel.mesh import BATCH_AXES, MeshError, axis_size
 
 Array = jax.Array
 
 EXPERT_AXIS = "expert"
-RaggedAllToAll = Callable[..., Array]
+EXCHANGES = ("auto", "ragged", "padded")
 
+# shard_map specs: tokens split over the batch axes, replicated values (the router,
+# scalar losses), the expert-stacked weights split over `expert`.
+TOKENS = P(BATCH_AXES)
+REPLICATED = P()
+EXPERTS = P(EXPERT_AXIS)
 
-class EPOutput(NamedTuple):
-  """What the layer needs back from the shard_map; statistics are computed outside."""
-  y: Array         # [B, L, D]
-  idx: Array       # [B * L, k] expert choices (top-1 first)
-  keep: Array      # [B * L, k] whether each choice was computed
-  aux_loss: Array  # scalar, the same value as the GSPMD path's
-  z_loss: Array    # scalar
+# (rows, group_sizes, expert_of_row) -> rows: the experts' grouped matmul.
+GroupedFn = Callable[[Array, Array, Array], Array]
 
 
 # ------------------------------------------------------------------------ checks
@@ -92,252 +100,179 @@ def check_groups(group_size: Optional[int], per_device_batch: int) -> int:
   return per_device_batch // group_size
 
 
-# ------------------------------------------------------------ global reductions
+def resolve_exchange(name: str, mesh: Mesh) -> str:
+  """`moe.ep_exchange` -> "ragged" or "padded"; "auto" is padded on a CPU mesh, where
+  XLA has no ragged-all-to-all, and ragged on TPU/GPU."""
+  if name not in EXCHANGES:
+    raise ValueError(f"moe.ep_exchange={name!r}: expected one of {', '.join(EXCHANGES)}")
+  if name != "auto":
+    return name
+  return "padded" if mesh.devices.flat[0].platform == "cpu" else "ragged"
 
 
-def global_mean(x: Array, axes: tuple[str, ...]) -> Array:
-  """Mean over all devices' tokens; every device holds the same number of them."""
-  return jax.lax.pmean(x, axes)
+# ------------------------------------------------------------------- shard_map
 
 
-def global_load_balancing_loss(probs: Array, top1: Array, axes: tuple[str, ...]) -> Array:
-  """`moe.load_balancing_loss` over the tokens of every device (the dropless aux loss)."""
-  e = probs.shape[-1]
-  me = global_mean(jnp.mean(probs, axis=0), axes)
-  ce = global_mean(jnp.mean(jax.nn.one_hot(top1, e, dtype=jnp.float32), axis=0), axes)
-  return jnp.mean(me * ce) * e * e
+def expert_shard_map(body: Callable[..., Any], mesh: Mesh, *, in_specs: Any,
+                     out_specs: Any) -> Callable[..., Any]:
+  """`body` run per device over `mesh` (specs from TOKENS, REPLICATED, EXPERTS)."""
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-# -------------------------------------------------------------- capacity path
+# --------------------------------------------------------------- capacity path
 
 
-def scatter_to_buffers(x: Array, flat: Array, num_experts: int, capacity: int) -> Array:
-  """x [G, S, D] into per-expert buffers [E, G*C, D]; `flat` [G, S*k] = e*C + slot.
+def capacity_exchange(batched: Callable[[Array], Array],
+                      axis: str = EXPERT_AXIS) -> Callable[[Array], Array]:
+  """Wrap `batched` (this device's E/ep experts on [E/ep, T, D]) into a function of all
+  E experts' buffers [E, G*C, D], as the routing core's capacity dispatch calls it."""
 
-  Dropped choices carry the index E*C (one past the end) and are skipped.
+  def run(buf: Array) -> Array:
+    # Expert e lives on expert shard e // (E/ep): each block of E/ep experts goes
+    # there; received blocks are stacked by source device along the token axis.
+    buf = jax.lax.all_to_all(buf, axis, 0, 1, tiled=True)          # [E/ep, ep*G*C, D]
+    out = batched(buf)
+    return jax.lax.all_to_all(out, axis, 1, 0, tiled=True)         # [E, G*C, D]
+
+  return run
+
+
+# ------------------------------------------------- ragged all-to-all (emulated)
+
+
+def ragged_all_to_all_padded(operand: Array, output: Array, input_offsets: Array,
+                             send_sizes: Array, output_offsets: Array, recv_sizes: Array, *,
+                             axis_name: str, max_send: Optional[int] = None) -> Array:
+  """`jax.lax.ragged_all_to_all` (one slice per peer) from dense `all_to_all`s.
+
+  Same arguments and result: slice j of `operand` (rows input_offsets[j] +
+  [0, send_sizes[j])) is written on peer j at rows output_offsets[j] + [0,
+  send_sizes[j]) of its `output`; rows nobody writes keep `output`'s values. Each
+  peer's slice travels in a slot of `max_send` rows (static; every send size must fit,
+  default the operand's rows), so the exchange moves ep * max_send rows whatever the
+  sizes. Differentiable (gathers, all_to_all, a scatter with unique indices).
   """
-  g, s, d = x.shape
-  k = flat.shape[1] // s
-  tokens = jnp.repeat(x, k, axis=1)
-  scatter = lambda f, t: jnp.zeros((num_experts * capacity, d), x.dtype).at[f].set(
-      t, mode="drop")
-  buf = jax.vmap(scatter)(flat, tokens).reshape(g, num_experts, capacity, d)
-  return buf.transpose(1, 0, 2, 3).reshape(num_experts, g * capacity, d)
+  ep = jax.lax.axis_size(axis_name)
+  if input_offsets.shape != (ep,):
+    raise ValueError(f"ragged_all_to_all_padded: expected one slice per peer ({ep}), got "
+                     f"offsets of shape {input_offsets.shape}")
+  m = output.shape[0]
+  max_send = operand.shape[0] if max_send is None else max_send
+  pos = jnp.arange(max_send)
+  trailing = (1,) * (operand.ndim - 1)
+  rows = jnp.take(operand, input_offsets[:, None] + pos[None], axis=0, mode="fill",
+                  fill_value=0)                                      # [ep, max_send, ...]
+  sent = (pos[None] < send_sizes[:, None]).reshape(rows.shape[:2] + trailing)
+  recv = jax.lax.all_to_all(jnp.where(sent, rows, 0), axis_name, 0, 0, tiled=True)
+  # Where each peer's slice lands here: the offsets it chose for me.
+  where = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+  valid = pos[None] < recv_sizes[:, None]
+  # Rows not received point past the output, each to its own index (unique, dropped).
+  target = jnp.where(valid, where[:, None] + pos[None], m + jnp.arange(ep * max_send).reshape(
+      ep, max_send))
+  recv = recv.reshape((ep * max_send,) + operand.shape[1:]).astype(output.dtype)
+  return output.at[target.reshape(-1)].set(recv, mode="drop", unique_indices=True)
 
 
-def gather_from_buffers(out: Array, flat: Array, weights: Array) -> Array:
-  """Inverse of `scatter_to_buffers`, then the gate-weighted sum of the k choices."""
-  g, s, k = weights.shape
-  num_experts, _, d = out.shape
-  out = out.reshape(num_experts, g, -1, d).transpose(1, 0, 2, 3).reshape(g, -1, d)
-  gather = lambda o, f: jnp.take(o, f, axis=0, mode="fill", fill_value=0)
-  picked = jax.vmap(gather)(out, flat).reshape(g, s, k, d)
-  return jnp.einsum("gskd,gsk->gsd", picked, weights.astype(picked.dtype))
+def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                       recv_sizes, *, axis_name, max_send=None):
+  del max_send  # the ragged collective sends exactly send_sizes rows
+  return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
+                                   output_offsets, recv_sizes, axis_name=axis_name)
 
 
-def capacity_dispatch(experts: moe_lib.Experts, x: Array, idx: Array, keep: Array,
-                      slot: Array, weights: Array, num_experts: int, capacity: int) -> Array:
-  """`moe.dispatch_capacity` for one device's groups, local experts, two all-to-alls.
-
-  x [G, S, D], idx/keep/slot/weights [G, S, k] -> [G, S, D]. `experts` holds this
-  device's E/ep experts.
-  """
-  g, s, k = idx.shape
-  flat = jnp.where(keep, idx * capacity + slot, num_experts * capacity).reshape(g, s * k)
-  buf = scatter_to_buffers(x, flat, num_experts, capacity)             # [E, G*C, D]
-  # Expert e lives on expert shard e // (E/ep): send each block of E/ep experts there;
-  # received blocks are stacked by source device along the token axis.
-  buf = jax.lax.all_to_all(buf, EXPERT_AXIS, 0, 1, tiled=True)         # [E/ep, ep*G*C, D]
-  out = experts.batched(buf)
-  out = jax.lax.all_to_all(out, EXPERT_AXIS, 1, 0, tiled=True)         # [E, G*C, D]
-  return gather_from_buffers(out, flat, weights)
+# The collective behind each `moe.ep_exchange` (looked up at trace time, so a test may
+# put an emulation behind "ragged").
+COLLECTIVES: dict[str, Callable[..., Array]] = {
+    "ragged": _ragged_all_to_all,
+    "padded": ragged_all_to_all_padded,
+}
 
 
 # --------------------------------------------------------------- dropless path
 
 
-class Exchange(NamedTuple):
-  """Rows received by one device and the local expert each one goes to."""
-  rows: Array          # [M, D]
-  local_expert: Array  # [M] in [0, E/ep]; E/ep marks padding
+def _exclusive_cumsum(a: Array, axis: int = 0) -> Array:
+  return jnp.cumsum(a, axis=axis) - a
 
 
-def local_expert_of(pos: Array, counts: Array, valid: Array) -> Array:
-  """Expert of the row at `pos` of a chunk sorted by expert with `counts` rows each.
+class ExchangePlan(NamedTuple):
+  """Offsets and sizes of one device's dropless exchange over the expert axis."""
+  input_offsets: Array   # [ep] first row of my rows for each peer (rows sorted by peer)
+  send_sizes: Array      # [ep] rows I send to each peer
+  output_offsets: Array  # [ep] where my rows land in each peer's receive buffer
+  recv_offsets: Array    # [ep] where each peer's rows land in mine
+  recv_sizes: Array      # [ep] rows each peer sends me
+  back_offsets: Array    # [ep] where my outputs for each peer land in its rows
+  recv_counts: Array     # [ep, E/ep] rows each peer sends to each of my local experts
 
-  pos [M], counts [M, E_local] (that row's source chunk), valid [M] -> [M]; padding
-  rows get E_local so a stable sort puts them last.
+
+def exchange_plan(counts: Array, axis: str = EXPERT_AXIS) -> ExchangePlan:
+  """All offsets from one all_gather of the row counts.
+
+  counts [ep, E/ep]: rows this device sends to each local expert of each peer
+  (its group sizes per expert, reshaped). Received chunks are packed by source.
   """
-  ends = jnp.cumsum(counts, axis=-1)
-  expert = jnp.sum(pos[:, None] >= ends, axis=-1)
-  return jnp.where(valid, expert, counts.shape[-1])
+  every = jax.lax.all_gather(counts, axis)          # [src, dst, E/ep]
+  me = jax.lax.axis_index(axis)
+  sizes = jnp.sum(every, axis=-1)                   # [src, dst]
+  recv_sizes = sizes[:, me]
+  return ExchangePlan(
+      input_offsets=_exclusive_cumsum(sizes[me]),
+      send_sizes=sizes[me],
+      output_offsets=_exclusive_cumsum(sizes, axis=0)[me],
+      recv_offsets=_exclusive_cumsum(recv_sizes),
+      recv_sizes=recv_sizes,
+      back_offsets=_exclusive_cumsum(sizes, axis=1)[:, me],
+      recv_counts=every[:, me])
 
 
-def exchange_fixed(rows: Array, dest: Array, send_sizes: Array, recv_counts: Array
-                   ) -> tuple[Exchange, Callable[[Array], Array]]:
-  """all_to_all with one worst-case-sized slot [N, D] per destination shard.
+class LocalSort(NamedTuple):
+  """Received rows sorted by local expert (padding last)."""
+  order: Array          # [R] received row of each sorted row
+  group_sizes: Array    # [E/ep]
+  expert_of_row: Array  # [R] local expert of each sorted row (padding: the last one)
 
-  rows [N, D] sorted by destination; dest [N]; send_sizes [ep]; recv_counts [ep, E_l]
-  (rows each source sends to each local expert). Returns the exchange and the inverse
-  (processed received rows [ep*N, D] -> rows [N, D] in the order of `rows`).
+
+def local_permute(recv_counts: Array, num_rows: int) -> LocalSort:
+  """Order the receive buffer (chunks by source, each sorted by local expert, then
+  padding) by local expert, sources in order within an expert."""
+  ep, experts = recv_counts.shape
+  labels = jnp.concatenate([jnp.tile(jnp.arange(experts, dtype=jnp.int32), ep),
+                            jnp.array([experts], jnp.int32)])
+  repeats = jnp.concatenate([recv_counts.reshape(-1),
+                             (num_rows - jnp.sum(recv_counts)).reshape(1)])
+  expert = jnp.repeat(labels, repeats, total_repeat_length=num_rows)
+  order = jnp.argsort(expert, stable=True)
+  return LocalSort(order, jnp.sum(recv_counts, axis=0).astype(jnp.int32),
+                   jnp.minimum(expert[order], experts - 1))
+
+
+def dropless_exchange(grouped: GroupedFn, *, num_experts: int, experts_per_shard: int,
+                      top_k: int, exchange: str, axis: str = EXPERT_AXIS) -> GroupedFn:
+  """Wrap `grouped` (this device's E/ep experts) into the routing core's dropless
+  `grouped`: rows [N, D] sorted by global expert, group_sizes [E] -> outputs [N, D].
+
+  `exchange`: "ragged" or "padded" (`resolve_exchange`).
   """
-  n, d = rows.shape
-  ep = send_sizes.shape[0]
-  starts = jnp.cumsum(send_sizes) - send_sizes
-  send_at = dest * n + jnp.arange(n) - starts[dest]  # unique: slot of each row
-  send = jnp.zeros((ep * n, d), rows.dtype).at[send_at].set(rows, unique_indices=True)
-  recv = jax.lax.all_to_all(send.reshape(ep, n, d), EXPERT_AXIS, 0, 0, tiled=True)
-  src, pos = jnp.divmod(jnp.arange(ep * n), n)
-  recv_sizes = jnp.sum(recv_counts, axis=-1)
-  expert = local_expert_of(pos, recv_counts[src], pos < recv_sizes[src])
-
-  def back(out: Array) -> Array:
-    out = jax.lax.all_to_all(out.reshape(ep, n, d), EXPERT_AXIS, 0, 0, tiled=True)
-    return out.reshape(ep * n, d)[send_at]
-
-  return Exchange(recv.reshape(ep * n, d), expert), back
-
-
-def exchange_ragged(rows: Array, send_sizes: Array, recv_counts: Array,
-                    ragged_all_to_all: RaggedAllToAll
-                    ) -> tuple[Exchange, Callable[[Array], Array]]:
-  """The same exchange with `ragged_all_to_all`: only routed rows travel.
-
-  The receive buffer keeps the worst-case size ep*N (static shapes); received chunks
-  are packed by source, padding at the end.
-  """
-  n, d = rows.shape
-  ep = send_sizes.shape[0]
-  me = jax.lax.axis_index(EXPERT_AXIS)
-  exclusive = lambda a, axis=0: jnp.cumsum(a, axis=axis) - a
-  input_offsets = exclusive(send_sizes)
-  recv_sizes = jnp.sum(recv_counts, axis=-1)
-  recv_offsets = exclusive(recv_sizes)
-  # Where my chunk lands on each receiver: after the chunks of lower-index sources.
-  sizes = jax.lax.all_gather(send_sizes, EXPERT_AXIS)               # [src, dest]
-  output_offsets = exclusive(sizes, axis=0)[me]
-  recv = ragged_all_to_all(rows, jnp.zeros((ep * n, d), rows.dtype), input_offsets,
-                           send_sizes, output_offsets, recv_sizes, axis_name=EXPERT_AXIS)
-  p = jnp.arange(ep * n)
-  src = jnp.clip(jnp.sum(p[:, None] >= jnp.cumsum(recv_sizes)[None], axis=-1), 0, ep - 1)
-  pos = p - recv_offsets[src]
-  expert = local_expert_of(pos, recv_counts[src], p < jnp.sum(recv_sizes))
-  # On the way back each source's rows return to where they came from on it.
-  back_offsets = jax.lax.all_to_all(input_offsets, EXPERT_AXIS, 0, 0, tiled=True)
-
-  def back(out: Array) -> Array:
-    return ragged_all_to_all(out, jnp.zeros((n, d), out.dtype), recv_offsets, recv_sizes,
-                             back_offsets, send_sizes, axis_name=EXPERT_AXIS)
-
-  return Exchange(recv, expert), back
-
-
-def run_local_experts(experts: moe_lib.Experts, ex: Exchange, experts_per_shard: int) -> Array:
-  """Sort received rows by local expert, one grouped matmul per weight, unsort.
-
-  For ragged_dot, padding rows join the last group, so that it has defined semantics
-  everywhere; the blocked gmm gives rows past the groups zeros and skips them, which
-  matters here because the fixed exchange's buffer is mostly padding. Either way
-  their outputs are never read back (so they receive no gradient either).
-  """
-  m = ex.rows.shape[0]
-  order = jnp.argsort(ex.local_expert, stable=True)
-  expert = ex.local_expert[order]
-  group_sizes = jnp.bincount(expert, length=experts_per_shard).astype(jnp.int32)
-  if gmm.resolve_impl(experts.gmm_impl) == "ragged_dot":
-    group_sizes = group_sizes.at[-1].add(m - jnp.sum(group_sizes))
-  out = experts.grouped(ex.rows[order], group_sizes, jnp.minimum(expert, experts_per_shard - 1))
-  return jnp.zeros_like(out).at[order].set(out, unique_indices=True)
-
-
-def dropless_dispatch(experts: moe_lib.Experts, x: Array, idx: Array, weights: Array,
-                      num_experts: int, *, ragged: bool = False,
-                      ragged_all_to_all: RaggedAllToAll = jax.lax.ragged_all_to_all) -> Array:
-  """`moe.dispatch_dropless` for one device's tokens and its local experts.
-
-  x [n, D], idx/weights [n, k] -> [n, D]. Every assignment is computed (no capacity).
-  """
-  n, k = idx.shape
-  experts_per_shard = experts.wo.shape[0]
+  if exchange not in COLLECTIVES:
+    raise ValueError(f"exchange={exchange!r}: expected one of {', '.join(COLLECTIVES)}")
   ep = num_experts // experts_per_shard
-  flat_expert = idx.reshape(n * k)
-  order = jnp.argsort(flat_expert, stable=True)
-  sorted_expert = flat_expert[order]
-  rows = x[order // k]                        # sorted by expert, hence by destination
-  counts = jnp.bincount(flat_expert, length=num_experts).reshape(ep, experts_per_shard)
-  send_sizes = jnp.sum(counts, axis=-1)
-  # recv_counts[i, e]: rows source i sends to my local expert e.
-  recv_counts = jax.lax.all_to_all(counts, EXPERT_AXIS, 0, 0, tiled=True)
-  if ragged:
-    # TPU/GPU: XLA:CPU has no ragged-all-to-all ("HLO opcode ragged-all-to-all is not
-    # supported by XLA:CPU"); on CPU only the offsets are tested, with an emulation.
-    ex, back = exchange_ragged(rows, send_sizes, recv_counts, ragged_all_to_all)
-  else:
-    ex, back = exchange_fixed(rows, sorted_expert // experts_per_shard, send_sizes,
-                              recv_counts)
-  out_sorted = back(run_local_experts(experts, ex, experts_per_shard))
-  out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)
-  return jnp.einsum("skd,sk->sd", out.reshape(n, k, -1), weights.astype(out.dtype))
 
+  def run(rows: Array, group_sizes: Array, sorted_expert: Array) -> Array:
+    del sorted_expert  # local experts are recomputed from the counts on arrival
+    collective = COLLECTIVES[exchange]
+    n_rows, d = rows.shape
+    # A token sends at most min(k, E/ep) of its k rows to one shard.
+    max_send = n_rows // top_k * min(top_k, experts_per_shard)
+    plan = exchange_plan(group_sizes.reshape(ep, experts_per_shard), axis)
+    zeros = lambda n, like: jnp.zeros_like(like, shape=(n, d))
+    recv = collective(rows, zeros(ep * max_send, rows), plan.input_offsets, plan.send_sizes,
+                      plan.output_offsets, plan.recv_sizes, axis_name=axis, max_send=max_send)
+    local = local_permute(plan.recv_counts, ep * max_send)
+    out = grouped(recv[local.order], local.group_sizes, local.expert_of_row)
+    out = jnp.zeros_like(out).at[local.order].set(out, unique_indices=True)
+    return collective(out, zeros(n_rows, out), plan.recv_offsets, plan.recv_sizes,
+                      plan.back_offsets, plan.send_sizes, axis_name=axis, max_send=max_send)
 
-# ------------------------------------------------------------------- the layer
-
-
-def moe_forward(layer: moe_lib.MoE, x: Array, *, dispatch: str, train: bool,
-                mesh: Optional[Mesh] = None, ragged: bool = False,
-                ragged_all_to_all: RaggedAllToAll = jax.lax.ragged_all_to_all) -> EPOutput:
-  """The MoE layer's routing and dispatch under shard_map; x [B, L, D].
-
-  Routing statistics are left to the caller (`moe.routing_stats` on the returned
-  choices), so they are computed by the same code as on the GSPMD path.
-  """
-  cfg = layer.cfg
-  mesh = mesh or current_mesh()
-  if mesh is None:
-    raise ValueError("ep_impl='shard_map' needs a mesh (trace under "
-                     "mesh_lib.activation_sharding)")
-  b, l, d = x.shape
-  check_expert_axis(mesh, cfg.num_experts)
-  per_device = local_batch(mesh, b)
-  if dispatch == "capacity":
-    groups = check_groups(cfg.group_size, per_device)
-  elif dispatch != "dropless":
-    raise ValueError(f"dispatch={dispatch!r}: expected 'capacity' or 'dropless'")
-  k, e = cfg.top_k, cfg.num_experts
-  router_def, router_state = nnx.split(layer.router)
-  experts_def, experts_state = nnx.split(layer.experts)
-
-  def body(x: Array, router_state: Any, experts_state: Any) -> EPOutput:
-    router = nnx.merge(router_def, router_state)
-    experts = nnx.merge(experts_def, experts_state)
-    tokens = x.reshape(-1, d)
-    logits = router(tokens)
-    probs, gates, idx = moe_lib.top_k_gating(logits, k)
-    if dispatch == "dropless":
-      keep = jnp.ones_like(idx, dtype=bool)
-      weights = moe_lib.combine_weights(gates, keep, cfg.renormalize)
-      y = dropless_dispatch(experts, tokens, idx, weights, e, ragged=ragged,
-                            ragged_all_to_all=ragged_all_to_all)
-      aux_loss = global_load_balancing_loss(probs, idx[:, 0], BATCH_AXES)
-    else:
-      s = cfg.group_size * l
-      capacity = cfg.capacity(s, train)
-      grouped = lambda a: a.reshape((groups, s) + a.shape[1:])
-      slot, keep = jax.vmap(moe_lib.capacity_slots, (0, None, None))(grouped(idx), e,
-                                                                     capacity)
-      weights = moe_lib.combine_weights(grouped(gates), keep, cfg.renormalize)
-      y = capacity_dispatch(experts, grouped(tokens), grouped(idx), keep, slot, weights,
-                            e, capacity)
-      keep = keep.reshape(-1, k)
-      # Same number of groups on every device: the mean of device means is the mean.
-      per_group = jax.vmap(moe_lib.load_balancing_loss)(grouped(probs), grouped(idx[:, 0]))
-      aux_loss = global_mean(jnp.mean(per_group), BATCH_AXES)
-    z_loss = global_mean(moe_lib.router_z_loss(logits), BATCH_AXES)
-    return EPOutput(y.reshape(x.shape).astype(x.dtype), idx, keep, aux_loss, z_loss)
-
-  tokens_spec = P(BATCH_AXES)
-  out_specs = EPOutput(tokens_spec, tokens_spec, tokens_spec, P(), P())
-  run = jax.shard_map(body, mesh=mesh, out_specs=out_specs,
-                      # Whole router, whole experts (E/ep of them) on every device.
-                      in_specs=(tokens_spec, P(), P(EXPERT_AXIS)))
-  return run(x, router_state, experts_state)
+  return run
