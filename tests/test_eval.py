@@ -480,3 +480,40 @@ def test_stage_report_writes_routing_plots(trained, monkeypatch):
   os.remove(os.path.join(workdir, "routing_image_text.png"))
   report.stage_report(c, workdir, routing_plots=False)
   assert not os.path.exists(os.path.join(workdir, "routing_image_text.png"))
+
+
+def test_a_paper_benchmark_through_eval_score_file_and_the_paper_row(trained, tmp_path):
+  """ScienceQA from its released problems.json: answered by a workdir's stage, written
+  in LLaVA's submission layout, scored; the same answers scored again as a file made
+  elsewhere; the paper's row assembled from the results folder."""
+  from tests.test_benchmarks import SQA_PROBLEMS
+  _, workdir = trained
+  images = tmp_path / "images"
+  problems = {k: v for k, v in SQA_PROBLEMS.items() if k in ("1", "2", "3")}
+  for pid, p in problems.items():
+    if p["image"]:
+      (images / pid).mkdir(parents=True)
+      Image.new("RGB", (40, 30), (200, 40, 40)).save(images / pid / p["image"])
+  path = str(tmp_path / "problems.json")
+  with open(path, "w") as f:
+    json.dump(problems, f)
+  root = tmp_path / "results"
+  out = str(root / "sqa")
+  results = tasks.evaluate_workdir(workdir, task="sqa", questions_path=path, out_dir=out,
+                                   image_root=str(images), max_new_tokens=2)
+  assert results["num_questions"] == 3 and results["headline_metric"]
+  assert results["headline"] == pytest.approx(results["img"]["accuracy"])
+  assert all(os.path.exists(p) for p in results["submission"])
+  assert open(os.path.join(out, "results.md")).read().startswith("## SQA-IMG")
+  # The answers file it wrote, scored as if it came from elsewhere: the same numbers.
+  again = tasks.score_file("sqa", path, os.path.join(out, "answers.jsonl"),
+                           str(tmp_path / "rescored"))
+  assert again["headline"] == pytest.approx(results["headline"])
+  assert again["missing_answers"] == 0
+  md = tasks.paper_row(str(root), "tiny")
+  assert "SQA-IMG" in md.splitlines()[0]
+  ours = md.strip().splitlines()[-1]
+  assert ours.startswith("| tiny |") and f"{results['headline']:.1f}" in ours
+  assert "MoE-LLaVA-2.7B" in md and os.path.exists(root / "paper_row.md")
+  with pytest.raises(ValueError, match="paper benchmarks"):
+    tasks.score_file("vqa", path, os.path.join(out, "answers.jsonl"), str(tmp_path / "x"))

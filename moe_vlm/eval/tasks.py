@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -22,12 +23,40 @@ import ml_collections
 import numpy as np
 
 from moe_vlm import files
+from moe_vlm.eval import benchmarks
 from moe_vlm.eval import metrics, questions as questions_lib, routing as routing_lib, runner
 from moe_vlm.eval.questions import Question
 from moe_vlm.infer.generate import left_pad
 from moe_vlm.infer.load import InferenceModel
 
-TASKS = ("pope", "vqa", "routing")
+# Our own layouts (pope, vqa: one JSONL of questions with labels / answers), the
+# routing analysis, and the paper's benchmarks from their released files
+# (`moe_vlm.eval.benchmarks`: gqa, sqa, textvqa, vizwiz, mme, mmbench, mmvet, vqav2).
+OWN_TASKS = ("pope", "vqa", "routing")
+TASKS = OWN_TASKS + tuple(n for n in benchmarks.TASKS if n not in OWN_TASKS)
+
+
+def benchmark(task: str) -> Optional[benchmarks.Benchmark]:
+  """The paper benchmark behind `task`, or None for our own layouts."""
+  return None if task in OWN_TASKS else benchmarks.get(task)
+
+
+def load_task_questions(task: str, path: str, limit: int = 0,
+                        **load_kw: Any) -> list[Question]:
+  """A task's questions: a paper benchmark's released files (with the prompts LLaVA-1.5
+  asks; `load_kw` such as annotations= / image_dir= go to its loader), else our JSONL."""
+  bench = benchmark(task)
+  if bench is None:
+    if load_kw:
+      raise ValueError(f"--task {task} reads one question file; {sorted(load_kw)} apply to "
+                       "the paper benchmarks only")
+    return questions_lib.load_questions(path, limit)
+  accepted = inspect.signature(bench.load_questions).parameters
+  unknown = sorted(k for k in load_kw if k not in accepted)
+  if unknown:
+    raise ValueError(f"--task {task} takes no {unknown}; its loader reads "
+                     f"{sorted(k for k in accepted if k not in ('self', 'path', 'limit'))}")
+  return bench.load_questions(path, limit=limit, **load_kw)
 
 
 # ------------------------------------------------------------------ scoring
@@ -140,7 +169,10 @@ def run(im: InferenceModel, questions: Sequence[Question], settings: Settings, o
   results: dict[str, Any] = {"task": settings.task, "model_id": settings.model_id,
                              "questions": questions_path, "num_questions": len(questions),
                              "answers": answers_path, **(extra or {})}
-  if settings.task == "pope":
+  bench = benchmark(settings.task)
+  if bench is not None:
+    results.update(bench.score(questions, answers))
+  elif settings.task == "pope":
     results.update(score_pope(questions, answers))
   elif settings.task == "vqa":
     scored = score_vqa(questions, answers, leave_one_out=settings.leave_one_out)
@@ -152,11 +184,14 @@ def run(im: InferenceModel, questions: Sequence[Question], settings: Settings, o
     return results
   questions_lib.write_jsonl(answers_path,
                             questions_lib.answer_records(questions, answers, settings.model_id))
+  if bench is not None:  # the files LLaVA's scripts submit / convert
+    results["submission"] = bench.write_submission(questions, answers, out_dir)
   if counter is not None:
     results["routing"] = routing_lib.write(counter.stats, out_dir, plots=settings.plots)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
-  md = results_markdown(results) if settings.task != "routing" else ""
+  md = (bench.markdown(results) if bench is not None else
+        results_markdown(results) if settings.task != "routing" else "")
   if counter is not None:
     with open(results["routing"]["markdown"]) as f:
       md += ("\n" if md else "") + "### Routing\n\n" + f.read()
@@ -171,7 +206,8 @@ def evaluate_workdir(workdir: str, *, task: str, questions_path: str, out_dir: s
                      prompt_suffix: str = "", batch_size: int = 0, max_new_tokens: int = 0,
                      max_examples: int = 0, model_id: Optional[str] = None,
                      routing: bool = False, plots: bool = True, path_tokens: int = 4,
-                     leave_one_out: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                     leave_one_out: bool = True, overwrite: bool = False,
+                     load_kw: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """`moe-vlm eval` as a function: loads stage `stage` of a workdir and runs `task`.
 
   config defaults to <workdir>/config.json; image_root to the config's image folder or
@@ -183,7 +219,7 @@ def evaluate_workdir(workdir: str, *, task: str, questions_path: str, out_dir: s
   from moe_vlm.infer import load
 
   files.check_output_dir(os.path.abspath(out_dir), overwrite)
-  questions = questions_lib.load_questions(questions_path, max_examples)
+  questions = load_task_questions(task, questions_path, max_examples, **(load_kw or {}))
   exp = Experiment.from_workdir(workdir, config)
   c = exp.config
   im = load.load(workdir, stage, c)
@@ -200,3 +236,36 @@ def evaluate_workdir(workdir: str, *, task: str, questions_path: str, out_dir: s
       routing=routing, plots=plots, num_path_tokens=path_tokens, leave_one_out=leave_one_out)
   return run(im, questions, settings, out_dir, questions_path=questions_path,
              extra={"stage": stage, "workdir": workdir})
+
+
+# ------------------------------------------------------------ answers made elsewhere
+
+
+def score_file(task: str, questions_path: str, answers_path: str, out_dir: str, *,
+               overwrite: bool = False, **load_kw: Any) -> dict[str, Any]:
+  """Scores an answers JSONL made anywhere (ours, or LLaVA's model_vqa output) against a
+  paper benchmark's files; writes results.json and results.md to `out_dir`."""
+  bench = benchmark(task)
+  if bench is None:
+    raise ValueError(f"--task {task}: scoring an answer file works for the paper "
+                     f"benchmarks ({', '.join(benchmarks.TASKS)})")
+  files.check_output_dir(os.path.abspath(out_dir), overwrite)
+  results = benchmarks.score_answer_file(task, questions_path, answers_path, **load_kw)
+  os.makedirs(out_dir, exist_ok=True)
+  files.write_json(os.path.join(out_dir, "results.json"), results)
+  files.write_text(os.path.join(out_dir, "results.md"), bench.markdown(results))
+  return results
+
+
+def paper_row(root: str, model: str) -> str:
+  """The paper's results row from `<root>/<task>/results.json` (one directory per
+  benchmark, as `moe-vlm eval --out <root>/<task>` writes them), beside MoE-LLaVA's
+  published rows; written to `<root>/paper_row.md`."""
+  row = benchmarks.row
+  found = row.results_in(root)
+  if not found:
+    raise FileNotFoundError(f"no <task>/results.json under {root}; expected folders named "
+                            f"{', '.join(k for k, _ in row.COLUMNS)}")
+  md = row.paper_row(row.load_results(found), model, published=tuple(row.PUBLISHED))
+  files.write_text(os.path.join(root, "paper_row.md"), md)
+  return md
