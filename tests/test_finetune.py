@@ -90,3 +90,17 @@ def test_architecture_fields_beside_a_converted_checkpoint_are_refused(converted
   with pytest.raises(experiment.ConfigError, match="model.text.hidden_size"):
     loop.train(c, str(tmp_path / "run"), stages=(3,))
   assert not os.path.exists(tmp_path / "run" / "stage3")
+
+
+def test_eval_answers_with_a_converted_checkpoint(converted, tmp_path):
+  from moe_vlm.eval import tasks
+  root, ckpt, _, _ = converted
+  data = str(root / "data")
+  out = str(tmp_path / "pope")
+  results = tasks.evaluate_workdir(None, ckpt=ckpt, task="pope", template="phi",
+                                   questions_path=os.path.join(data, "pope.json"),
+                                   out_dir=out, image_root=data, max_examples=4,
+                                   max_new_tokens=2)
+  assert results["num_questions"] == 4 and results["ckpt"] == ckpt
+  assert results["model_id"] == "ckpt" and "f1" in results["overall"]
+  assert len(open(os.path.join(out, "answers.jsonl")).readlines()) == 4

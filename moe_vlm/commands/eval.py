@@ -1,4 +1,4 @@
-"""`moe-vlm eval --workdir DIR --task TASK --questions FILE --out DIR`.
+"""`moe-vlm eval --workdir DIR | --ckpt DIR --task TASK --questions FILE --out DIR`.
 
 Answers a benchmark's questions with a trained stage (default 3) and writes to --out:
   answers.jsonl   LLaVA's answer layout (eval_pope.py and the submission converters read it)
@@ -41,6 +41,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "ml_collections config file (default: "
                                 "<workdir>/config.json)", lock_config=True)
 flags.DEFINE_string("workdir", None, "the training workdir")
+flags.DEFINE_string("ckpt", None, "instead of --workdir: a converted checkpoint (`moe-vlm "
+                    "convert from-hf` output, e.g. a released MoE-LLaVA model)")
 flags.DEFINE_integer("stage", 3, "which stage's final parameters to evaluate")
 flags.DEFINE_enum("task", None, list(tasks.TASKS), "benchmark kind (see above)")
 flags.DEFINE_string("questions", None, "question file: JSONL (LLaVA layout) or a JSON list; "
@@ -88,13 +90,15 @@ def main(argv: Sequence[str]) -> None:
     with open(os.path.join(FLAGS.out, "results.md")) as f:
       print(f.read())
     return
-  missing = [f"--{n}" for n in ("workdir", "task", "questions", "out") if getattr(FLAGS, n) is None]
+  missing = [f"--{n}" for n in ("task", "questions", "out") if getattr(FLAGS, n) is None]
+  if (FLAGS.workdir is None) == (FLAGS.ckpt is None):
+    missing.append("one of --workdir / --ckpt")
   if missing:
     raise app.UsageError(f"eval needs {', '.join(missing)}")
   start()
   tasks.evaluate_workdir(
       FLAGS.workdir, task=FLAGS.task, questions_path=FLAGS.questions, out_dir=FLAGS.out,
-      config=FLAGS.config, stage=FLAGS.stage, image_root=FLAGS.image_root,
+      config=FLAGS.config, stage=FLAGS.stage, ckpt=FLAGS.ckpt, image_root=FLAGS.image_root,
       template=FLAGS.template, prompt_suffix=FLAGS.prompt_suffix, batch_size=FLAGS.batch_size,
       max_new_tokens=FLAGS.max_new_tokens, max_examples=FLAGS.max_examples,
       model_id=FLAGS.model_id, routing=FLAGS.routing, plots=FLAGS.plots,

@@ -200,42 +200,56 @@ def run(im: InferenceModel, questions: Sequence[Question], settings: Settings, o
   return results
 
 
-def evaluate_workdir(workdir: str, *, task: str, questions_path: str, out_dir: str,
+def evaluate_workdir(workdir: Optional[str], *, task: str, questions_path: str, out_dir: str,
                      config: Optional[ml_collections.ConfigDict] = None, stage: int = 3,
-                     image_root: Optional[str] = None, template: Optional[str] = None,
-                     prompt_suffix: str = "", batch_size: int = 0, max_new_tokens: int = 0,
-                     max_examples: int = 0, model_id: Optional[str] = None,
-                     routing: bool = False, plots: bool = True, path_tokens: int = 4,
-                     leave_one_out: bool = True, overwrite: bool = False,
+                     ckpt: Optional[str] = None, image_root: Optional[str] = None,
+                     template: Optional[str] = None, prompt_suffix: str = "",
+                     batch_size: int = 0, max_new_tokens: int = 0, max_examples: int = 0,
+                     model_id: Optional[str] = None, routing: bool = False,
+                     plots: bool = True, path_tokens: int = 4, leave_one_out: bool = True,
+                     overwrite: bool = False,
                      load_kw: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-  """`moe-vlm eval` as a function: loads stage `stage` of a workdir and runs `task`.
+  """`moe-vlm eval` as a function: loads stage `stage` of a workdir (or the converted
+  checkpoint `ckpt`) and runs `task`.
 
   config defaults to <workdir>/config.json; image_root to the config's image folder or
-  data directory; batch_size / max_new_tokens (0) to the config's eval settings. The
-  questions and `out_dir` (non-empty: only with `overwrite`) are checked before the model
-  loads, and the files are written only once every answer is in.
+  data directory (a checkpoint: the questions' folder); batch_size / max_new_tokens (0)
+  to the config's eval settings (a checkpoint: 8 and 16). The questions and `out_dir`
+  (non-empty: only with `overwrite`) are checked before the model loads, and the files
+  are written only once every answer is in.
   """
   from moe_vlm.experiment import Experiment
   from moe_vlm.infer import load
 
+  if (workdir is None) == (ckpt is None):
+    raise ValueError("evaluate a training workdir or a converted checkpoint (ckpt), one")
   files.check_output_dir(os.path.abspath(out_dir), overwrite)
   questions = load_task_questions(task, questions_path, max_examples, **(load_kw or {}))
-  exp = Experiment.from_workdir(workdir, config)
-  c = exp.config
-  im = load.load(workdir, stage, c)
-  if template:
-    im = dataclasses.replace(im, template=template)
+  if ckpt:
+    im = load.load_checkpoint(ckpt, template=template)
+    defaults = dict(image_root=os.path.dirname(os.path.abspath(questions_path)),
+                    batch_size=8, max_new_tokens=16,
+                    model_id=os.path.basename(os.path.abspath(ckpt)))
+    extra = {"ckpt": ckpt}
+  else:
+    exp = Experiment.from_workdir(workdir, config)
+    im = load.load(workdir, stage, exp.config)
+    if template:
+      im = dataclasses.replace(im, template=template)
+    e = exp.settings.eval
+    defaults = dict(image_root=exp.image_root, batch_size=e.batch_size,
+                    max_new_tokens=e.max_new_tokens,
+                    model_id=f"{os.path.basename(os.path.abspath(workdir))}/stage{stage}")
+    extra = {"stage": stage, "workdir": workdir}
   if prompt_suffix:
     questions = [dataclasses.replace(q, text=f"{q.text}\n{prompt_suffix}") for q in questions]
   settings = Settings(
-      task=task,
-      image_root=image_root or exp.image_root,
-      batch_size=batch_size or c.eval.batch_size,
-      max_new_tokens=max_new_tokens or c.eval.max_new_tokens,
-      model_id=model_id or f"{os.path.basename(os.path.abspath(workdir))}/stage{stage}",
+      task=task, image_root=image_root or defaults["image_root"],
+      batch_size=batch_size or defaults["batch_size"],
+      max_new_tokens=max_new_tokens or defaults["max_new_tokens"],
+      model_id=model_id or defaults["model_id"],
       routing=routing, plots=plots, num_path_tokens=path_tokens, leave_one_out=leave_one_out)
-  return run(im, questions, settings, out_dir, questions_path=questions_path,
-             extra={"stage": stage, "workdir": workdir})
+  return run(im, questions, settings, out_dir, questions_path=questions_path, extra=extra)
 
 
 # ------------------------------------------------------------ answers made elsewhere
