@@ -66,7 +66,8 @@ class IdentityExperts(nnx.Module):
   """
 
   def __init__(self, num_experts: int):
-    # Only `wo.shape[0]` (the expert count) is read by the dispatch functions.
+    # The routing core takes the expert count from the config; `wo` only gives the
+    # module a parameter (and an expert axis, for expert parallelism).
     self.wo = nnx.Param(jnp.zeros((num_experts, 1, 1), jnp.float32))
 
   def batched(self, x):
