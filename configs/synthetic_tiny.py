@@ -42,14 +42,16 @@ def get_config():
       # capacity 1.5).
       moe=dict(num_experts=4, top_k=2, moe_mode="sparse", dispatch="capacity",
                capacity_factor=1.5, eval_capacity_factor=2.0),
-      data=dict(kind="synthetic",  # generated into <workdir>/data when missing
-                num_images=1500, image_size=32, max_length=128, normalization="clip",
-                max_bad_fraction=0.05, eval_file="eval.json", pope_file="pope.json"),
+      # Training samples are computed per index (a new image for each); the held-out
+      # set (eval.json, pope.json) is written into <workdir>/data.
+      data=dict(kind="synthetic", num_images=0, num_eval_images=150, image_size=32,
+                grid=2, max_length=128, normalization="clip", max_bad_fraction=0.05,
+                eval_file="eval.json", pope_file="pope.json"),
       mesh=dict(data=-1, fsdp=1, model=1, expert=1),
       stages=dict(
-          stage1=stage("projector", "stage1.json", "plain", steps=150, lr=1e-3),
-          stage2=stage("projector_llm", "stage2.json", "phi", steps=900, lr=1e-3),
-          stage3=stage("moe_layers", "stage3.json", "phi", steps=300, lr=5e-4)),
+          stage1=stage("projector", "captions", "plain", steps=150, lr=1e-3),
+          stage2=stage("projector_llm", "instruct", "phi", steps=900, lr=1e-3),
+          stage3=stage("moe_layers", "qa", "phi", steps=300, lr=5e-4)),
       checkpoint=dict(every_steps=100, keep=2, async_save=True),
       log_every=25,
       eval=dict(batch_size=64, max_new_tokens=4, max_examples=0, run_after_training=True))

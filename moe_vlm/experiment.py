@@ -4,7 +4,7 @@
 so this is the one place that knows the workdir layout:
 
   config.json              the experiment config the run was started with
-  data/                    synthetic data set and its tokenizer (`data.kind="synthetic"`)
+  data/                    synthetic held-out set and tokenizer (`data.kind="synthetic"`)
   stage<k>/checkpoints/    Orbax TrainState checkpoints (+ data iterator state, counters)
   stage<k>/final/          the stage's parameters (Orbax, written by every process from
                            its own shards), the start of stage k+1 and of inference
@@ -264,17 +264,18 @@ class Experiment:
   # ---------------------------------------------------------------- data
 
   def prepare_data(self) -> None:
-    """Generates the synthetic data set and its tokenizer on first use (process 0
-    writes; the others wait for it: the data dir must be on a shared file system)."""
+    """Writes the synthetic held-out set (training samples are computed per index, see
+    `moe_vlm.data.synthetic`) and the tokenizer on first use (process 0 writes; the
+    others wait for it: the data dir must be on a shared file system)."""
     s = self.settings
     if s.data.kind != "synthetic":
       return
     from moe_vlm.data import synthetic
     if jax.process_index() == 0:
       if not os.path.exists(os.path.join(self.data_dir, "meta.json")):
-        log.info("generating the synthetic data set in %s", self.data_dir)
-        synthetic.generate(self.data_dir, num_images=s.data.num_images,
-                           image_size=s.data.image_size, seed=s.seed)
+        log.info("writing the synthetic held-out set to %s", self.data_dir)
+        synthetic.generate(self.data_dir, num_eval_images=s.data.num_eval_images,
+                           image_size=s.data.image_size, seed=s.seed, grid=s.data.grid)
       if not os.path.exists(os.path.join(self.tokenizer_dir, "tokenizer.json")):
         tokenizer_lib.train_tokenizer(synthetic.corpus(self.data_dir), self.tokenizer_dir)
     sync("moe_vlm: synthetic data ready")

@@ -133,8 +133,14 @@ class DataSettings:
   dir: str = ""              # LLaVA JSON files + images; default <workdir>/data
   image_root: str = ""       # images' root if not `dir`
   tokenizer: str = ""        # default: init.hf_llm, else <data dir>/tokenizer
-  num_images: int = 1500     # synthetic only
-  image_size: int = 32       # synthetic only
+  # Synthetic only (moe_vlm/data/synthetic.py): training images per stage, 0 = a new
+  # image for every sample the stage draws (steps x batch_size, never repeated); N > 0 =
+  # a pool of N images repeated over epochs. Held-out images (eval.json, pope.json),
+  # image side in pixels, and the grid x grid cells the objects sit in (2 or 3).
+  num_images: int = 0
+  num_eval_images: int = 150
+  image_size: int = 32
+  grid: int = 2
   max_length: int = 2048
   normalization: Literal["clip", "siglip"] = "clip"
   add_bos: bool = False
@@ -146,7 +152,12 @@ class DataSettings:
   def validate(self) -> None:
     _at_least("data", self, max_length=2, worker_count=0)
     if self.kind == "synthetic":
-      _at_least("data", self, num_images=1, image_size=8)
+      _at_least("data", self, num_images=0, num_eval_images=1, image_size=8)
+      if self.grid not in (2, 3):
+        raise ConfigError(f"data.grid={self.grid}: expected 2 or 3")
+      if self.image_size < 6 * self.grid:
+        raise ConfigError(f"data.image_size={self.image_size} is too small for a "
+                          f"{self.grid}x{self.grid} grid (at least {6 * self.grid})")
     if not 0 <= self.max_bad_fraction <= 1:
       raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction}: expected 0..1")
 
@@ -223,6 +234,12 @@ class ExperimentConfig:
       self.stages.get(k).validate(f"stages.stage{k}")
     self.data.validate()
     self.init.validate()
+    if self.data.kind == "synthetic" and not self.data.num_images:
+      for k in STAGES:
+        if not self.stages.get(k).steps:
+          raise ConfigError(f"stages.stage{k}.steps=0 (epochs) with data.num_images=0: the "
+                            "synthetic data has a new image per sample, no epochs; set "
+                            f"stages.stage{k}.steps or data.num_images")
     self.checkpoint.validate()
     self.eval.validate()
     _at_least("", self, log_every=1)

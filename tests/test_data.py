@@ -1,9 +1,13 @@
 """Data side: templates/masks, images, sources, bad samples, synthetic set, pipeline."""
 
+import collections
+import dataclasses
 import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ SYS = templates.MOE_LLAVA_SYSTEM
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("synthetic"))
-  synthetic.generate(out, num_images=200, image_size=32, seed=0, eval_fraction=0.2)
+  synthetic.generate(out, num_images=200, num_eval_images=50, image_size=32, seed=0)
   return out
 
 
@@ -464,98 +468,221 @@ def _md5(path):
   return hashlib.md5(open(path, "rb").read()).hexdigest()
 
 
-def test_synthetic_is_deterministic(tmp_path):
+def test_synthetic_files_are_deterministic(tmp_path):
   a, b, c = (str(tmp_path / x) for x in "abc")
-  meta = synthetic.generate(a, num_images=60, seed=5)
-  synthetic.generate(b, num_images=60, seed=5)
-  synthetic.generate(c, num_images=60, seed=6)
+  meta = synthetic.generate(a, num_images=20, num_eval_images=10, seed=5)
+  synthetic.generate(b, num_images=20, num_eval_images=10, seed=5)
+  synthetic.generate(c, num_images=20, num_eval_images=10, seed=6)
   files = sorted(os.listdir(a)) + ["images/" + f for f in sorted(os.listdir(f"{a}/images"))]
-  assert len(files) == 8 + 60
   for f in files:
     if os.path.isfile(os.path.join(a, f)):
       assert _md5(os.path.join(a, f)) == _md5(os.path.join(b, f)), f
   assert _md5(f"{a}/stage3.json") != _md5(f"{c}/stage3.json")
-  assert meta["counts"]["stage1"] == meta["num_train_images"] == 54
+  assert _md5(f"{a}/eval.json") != _md5(f"{c}/eval.json")
+  assert meta["counts"]["stage1"] == 20 and meta["num_eval_images"] == 10
+  # Without num_images only the held-out set is written: training data is computed.
+  d = str(tmp_path / "d")
+  synthetic.generate(d, num_eval_images=4)
+  assert not os.path.exists(f"{d}/stage1.json") and os.path.exists(f"{d}/pope.json")
+
+
+def _digest_records(source, n):
+  h = hashlib.md5()
+  for i in range(n):
+    r = source[i]
+    h.update(json.dumps(r["conversations"]).encode())
+    if r["image"] is not None:
+      h.update(r["image"].tobytes())
+  return h.hexdigest()
+
+
+def test_synthetic_source_same_index_same_sample_after_a_restart():
+  source = synthetic.SyntheticSource("qa", 10_000, seed=3)
+  here = _digest_records(source, 40)
+  # A fresh interpreter (a restarted run) computes the same samples from the index alone.
+  code = ("from moe_vlm.data import synthetic; from tests.test_data import _digest_records; "
+          "print(_digest_records(synthetic.SyntheticSource('qa', 10_000, seed=3), 40))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=root), check=True)
+  assert out.stdout.strip().splitlines()[-1] == here
+  # Random access: any order, any repetition, the same record.
+  assert _digest_records(source, 40) == here
+  np.testing.assert_array_equal(source[7]["image"], synthetic.SyntheticSource(
+      "qa", 8, seed=3)[7]["image"])
+  # Another seed, mix or stream draws other samples.
+  assert _digest_records(synthetic.SyntheticSource("qa", 40, seed=4), 40) != here
+  other = synthetic.SyntheticSource("qa", 40, seed=3, stream=synthetic.stream_of("qa", 1))
+  assert _digest_records(other, 40) != here
+  with pytest.raises(IndexError):
+    source[10_000]
+  with pytest.raises(ValueError, match="mix"):
+    synthetic.SyntheticSource("stage1.json", 4)
+
+
+def test_synthetic_source_resumes_exactly_in_the_pipeline(tok, image_id):
+  source = synthetic.SyntheticSource("instruct", 64, seed=0)
+  ds = pipeline.make_pipeline(source, pipeline.Preprocess(tok, _config(image_id)),
+                              batch_size=8, seed=1, num_epochs=None, read_threads=2)
+  it = iter(ds)
+  _take(it, 3)
+  state = it.get_state()
+  expected = _take(it, 8)  # crosses an epoch of the 64 samples
+  resumed = iter(ds)
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 8), expected)
+  assert all(b["ok"].all() for b in expected)
+  assert any(b["has_image"].all() for b in expected)
+
+
+def _pixel_digest(pixels):
+  return hashlib.md5(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def test_training_and_evaluation_images_never_coincide(data_dir):
+  scenes = _load(data_dir, "scenes")
+  held = {r["image"] for n in ("eval", "pope") for r in _load(data_dir, n)}
+  assert held and all(scenes[i]["split"] == "eval" for i in held)
+  held_pixels = {_pixel_digest(np.asarray(Image.open(os.path.join(data_dir, i))))
+                 for i in held}
+  # Every image a stage can draw (any mix, stream, index) lies on the training side of
+  # the pixel-hash split, every held-out image on the other: they cannot coincide.
+  train_pixels = set()
+  for mix in synthetic.MIXES:
+    for k in (0, 1, 2, 3):
+      source = synthetic.SyntheticSource(mix, 400, seed=0, stream=synthetic.stream_of(mix, k))
+      for i in range(0, 400, 4):
+        image = source[i]["image"]
+        if image is not None:
+          assert synthetic.split_of(image) == "train"
+          train_pixels.add(_pixel_digest(image))
+  for i in held:
+    assert synthetic.split_of(np.asarray(Image.open(os.path.join(data_dir, i)))) == "eval"
+  assert len(train_pixels) > 1000 and not train_pixels & held_pixels
+  # The exported training files are training images too.
+  exported = {r["image"] for n in ("stage1", "stage2", "stage3") for r in _load(data_dir, n)
+              if "image" in r}
+  assert exported and not exported & held
+  assert all(scenes[i]["split"] == "train" for i in exported)
 
 
 def _derive_answer(question, objects):
   """Answers from the scene description, independently of the generator's code."""
+  def cell(o):  # (row, column) from the position's words
+    p = o["position"]
+    return (0 if "top" in p else 2 if "bottom" in p else 1,
+            0 if "left" in p else 2 if "right" in p else 1)
+
+  def named(color, shape):
+    return next(o for o in objects if (o["color"], o["shape"]) == (color, shape))
+
   if question.startswith("How many shapes"):
-    return str(len(objects))
+    return "count", str(len(objects))
   if m := re.match(r"What color is the (\w+)\?", question):
-    return next(o["color"] for o in objects if o["shape"] == m[1])
+    return "color", next(o["color"] for o in objects if o["shape"] == m[1])
   if m := re.match(r"Where is the (\w+) shape\?", question):
-    return next(o["position"] for o in objects if o["color"] == m[1])
+    return "position", next(o["position"] for o in objects if o["color"] == m[1])
   if m := re.match(r"Is there a (\w+) (\w+) in the image\?", question):
-    return "yes" if any((o["color"], o["shape"]) == (m[1], m[2]) for o in objects) else "no"
+    present = any((o["color"], o["shape"]) == (m[1], m[2]) for o in objects)
+    return "exist", "yes" if present else "no"
+  if m := re.match(r"Is the (\w+) (\w+) (to the left of|to the right of|above|below) "
+                   r"the (\w+) (\w+)\?", question):
+    (ra, ca), (rb, cb) = cell(named(m[1], m[2])), cell(named(m[4], m[5]))
+    holds = {"to the left of": ca < cb, "to the right of": ca > cb, "above": ra < rb,
+             "below": ra > rb}[m[3]]
+    return "relation", "yes" if holds else "no"
   raise AssertionError(question)
 
 
-def test_synthetic_answers_correct_by_construction(data_dir):
+def _check_scene_pixels(objects, pixels):
+  """The scene describes the pixels: each object's centre has its colour, and no other
+  object colour is drawn."""
+  colors = {o["color"] for o in objects}
+  for o in objects:
+    assert tuple(pixels[o["cy"], o["cx"]]) == synthetic.COLORS[o["color"]]
+  for name, rgb in synthetic.COLORS.items():
+    if name not in colors:
+      assert not np.all(pixels == rgb, axis=-1).any()
+
+
+def test_every_answer_is_computed_from_the_drawn_scene(data_dir):
+  kinds = collections.Counter()
+  answers = collections.defaultdict(set)
+
+  def check(question, answer, objects):
+    kind, want = _derive_answer(question, objects)
+    assert want == answer, (question, objects)
+    kinds[kind] += 1
+    answers[kind].add(answer)
+
+  for mix in synthetic.MIXES:
+    source = synthetic.SyntheticSource(mix, 600, seed=1)
+    for i in range(600):
+      scene, r = source.sample(i)
+      conv = r["conversations"]
+      if scene is None:  # text-only
+        assert r["image"] is None and "<image>" not in conv[0]["value"]
+        continue
+      objects = [dataclasses.asdict(o) for o in scene]
+      _check_scene_pixels(objects, r["image"])
+      for h, g in zip(conv[::2], conv[1::2]):
+        q = h["value"].replace("<image>", "").strip().split("\n")[0]
+        if mix == "captions":
+          assert q == ""
+          for o in objects:  # the caption names exactly the scene's objects
+            assert (f"{o['color']} {o['shape']} {synthetic._place(o['position'])}"
+                    in g["value"])
+          assert g["value"].count(" at the ") + g["value"].count(" on the ") + \
+              g["value"].count(" in the ") == len(objects)
+        elif q.startswith(("Describe", "What do you see")):
+          assert g["value"].startswith("There ")
+        else:
+          check(q, g["value"], objects)
   scenes = _load(data_dir, "scenes")
-  checked = 0
   for name in ("stage2", "stage3", "eval"):
     for r in _load(data_dir, name):
       if "image" not in r:
         continue
+      objects = scenes[r["image"]]["objects"]
       conv = r["conversations"]
       for h, g in zip(conv[::2], conv[1::2]):
         q = h["value"].replace("<image>\n", "").split("\n")[0]
-        if q.startswith(("Describe", "What do you see")):
-          continue
-        assert _derive_answer(q, scenes[r["image"]]["objects"]) == g["value"], (r["id"], q)
-        checked += 1
+        if not q.startswith(("Describe", "What do you see")):
+          check(q, g["value"], objects)
       if name == "eval":
         assert r["answer"] == conv[1]["value"] and r["type"] in synthetic.QUESTION_TYPES
-  assert checked > 400
-  # The scene description describes the pixels: each object's centre has its colour,
-  # and the captions name exactly the scene's objects.
-  for image_name, scene in list(scenes.items())[:50]:
-    pixels = np.asarray(Image.open(os.path.join(data_dir, image_name)))
-    for o in scene["objects"]:
-      assert tuple(pixels[o["cy"], o["cx"]]) == synthetic.COLORS[o["color"]]
-  for r in _load(data_dir, "stage1")[:50]:
-    cap = r["conversations"][1]["value"]
-    for o in scenes[r["image"]]["objects"]:
-      assert f"{o['color']} {o['shape']} at the {o['position'].replace('-', ' ')}" in cap
+        assert _derive_answer(r["question"], objects)[0] == r["type"]
+  for name, scene in list(scenes.items())[:80]:
+    _check_scene_pixels(scene["objects"], np.asarray(Image.open(os.path.join(data_dir, name))))
+  assert set(kinds) == set(synthetic.QUESTION_TYPES) and min(kinds.values()) > 100, kinds
+  for kind in ("exist", "relation"):  # both answers occur, about equally often
+    assert answers[kind] == {"yes", "no"}
+  eval_types = collections.Counter(r["type"] for r in _load(data_dir, "eval"))
+  assert set(eval_types) == set(synthetic.QUESTION_TYPES) and eval_types["color"] == 50
 
 
-def test_synthetic_eval_images_are_held_out(data_dir):
-  scenes = _load(data_dir, "scenes")
-  train = {r["image"] for n in ("stage1", "stage2", "stage3") for r in _load(data_dir, n)
-           if "image" in r}
-  held = {r["image"] for n in ("eval", "pope") for r in _load(data_dir, n)}
-  assert train and held and not train & held
-  assert all(scenes[i]["split"] == "train" for i in train)
-  assert all(scenes[i]["split"] == "eval" for i in held)
-  digest = lambda i: hashlib.md5(np.asarray(Image.open(os.path.join(data_dir, i))).tobytes()  # noqa: E731
-                                 ).hexdigest()
-  assert not {digest(i) for i in train} & {digest(i) for i in held}
-  assert any(r["id"].startswith("s3-text") for r in _load(data_dir, "stage3"))
-  assert any(len(r["conversations"]) > 2 for r in _load(data_dir, "stage3"))
-
-
-def test_pope_negatives_are_absent(data_dir):
+def test_pope_is_balanced_and_its_negatives_are_absent(data_dir):
   scenes = _load(data_dir, "scenes")
   meta = _load(data_dir, "meta")
   pope = _load(data_dir, "pope")
   assert {r["category"] for r in pope} == set(synthetic.POPE_CATEGORIES)
-  labels = [r["label"] for r in pope]
-  assert labels.count("yes") == labels.count("no")
+  for cat in synthetic.POPE_CATEGORIES:
+    labels = [r["label"] for r in pope if r["category"] == cat]
+    assert labels.count("yes") == labels.count("no") > 50
   for r in pope:
     objects = scenes[r["image"]]["objects"]
     color, shape = r["object"].split()
     present = {(o["color"], o["shape"]) for o in objects}
     assert ((color, shape) in present) == (r["label"] == "yes")
+    assert _derive_answer(r["question"], objects) == ("exist", r["label"])
     if r["label"] == "no":
-      if color not in {o["color"] for o in objects}:  # pixel-level: colour not drawn
-        pixels = np.asarray(Image.open(os.path.join(data_dir, r["image"])))
-        assert not np.all(pixels == synthetic.COLORS[color], axis=-1).any()
       if r["category"] == "adversarial":
         assert shape in {s for _, s in present} or color in {c for c, _ in present}
       if r["category"] == "popular":
         absent = [p for p in meta["popular_objects"] if tuple(p.split()) not in present]
         assert r["object"] in absent[:len(objects)]
+  # "popular" follows the skewed object frequencies of the training distribution.
+  assert meta["popular_objects"][0] == "red square"
 
 
 def test_tokenizer_round_trips_synthetic_texts(data_dir, tok, tok_dir):

@@ -339,7 +339,7 @@ def _tiny_config():
   c.model.vision.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
   c.model.text.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                       num_kv_heads=1)
-  c.data.update(num_images=16, max_length=96)
+  c.data.update(num_images=16, num_eval_images=8, max_length=96)
   for k in (1, 2, 3):
     c.stages[f"stage{k}"].update(steps=1, batch_size=8, warmup_ratio=0.0)
   c.checkpoint.update(every_steps=100, async_save=False)

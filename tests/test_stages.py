@@ -23,7 +23,7 @@ def tiny_config():
   c.model.vision.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
   c.model.text.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                       num_kv_heads=1)
-  c.data.update(num_images=60, max_length=128)
+  c.data.update(num_images=60, num_eval_images=12, max_length=128)
   for k in (1, 2, 3):
     c.stages[f"stage{k}"].update(steps=4, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0)
   c.mesh.update(data=2, fsdp=2, expert=2)  # the loop runs sharded over the 8 test devices
@@ -210,6 +210,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   cmd = [sys.executable, "-m", "moe_vlm", "train", "--config",
          os.path.join(ROOT, "configs", "synthetic_tiny.py"), "--workdir", workdir,
          "--stage", "1", "--config.data.num_images=40", "--config.log_every=1",
+         "--config.data.num_eval_images=4",
          "--config.checkpoint.every_steps=1000", "--config.stages.stage1.steps=100000",
          "--config.stages.stage1.batch_size=4", "--config.model.text.num_layers=1"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")

@@ -1,42 +1,57 @@
-"""The embedded default data set: coloured shapes on a grid, in LLaVA format.
+"""The embedded default data set: coloured shapes on a grid, generated per sample index.
 
-Everything is generated locally and deterministically from a seed, so the three-stage
-recipe (captions -> instructions -> MoE instructions) and its evaluation run with no
-download. A scene is 1-3 objects, each a (colour, shape) pair in its own grid cell;
-shapes and colours are distinct within a scene, so every question below has exactly
-one correct single-word answer:
+Every training sample is a pure function of (seed, stream, index): its scene, its
+pixels and its questions are drawn from a random generator seeded with those numbers,
+so a source has no files, as many samples as the stages consume, and returns the same
+sample for the same index after a restart (resume stays exact). A scene is 1-3 objects,
+each a (colour, shape) pair in its own grid cell; shapes and colours are distinct within
+a scene, so every question has exactly one correct single-word answer, computed from
+the drawn scene:
 
-  count     "How many shapes are in the image?"        -> "2"
-  color     "What color is the circle?"                -> "red"
-  position  "Where is the red shape?"                  -> "top-left"
-  exist     "Is there a blue triangle in the image?"   -> "yes" / "no"
+  count     "How many shapes are in the image?"                    -> "2"
+  color     "What color is the circle?"                            -> "red"
+  position  "Where is the red shape?"                              -> "top-left"
+  exist     "Is there a blue triangle in the image?"               -> "yes" / "no"
+  relation  "Is the red circle to the left of the blue square?"    -> "yes" / "no"
 
 Negatives for `exist` follow POPE (Li et al. 2023): random (any absent object),
-popular (the most frequent objects in the training scenes that are absent) and
+popular (the most frequent objects of the training distribution that are absent) and
 adversarial (absent objects sharing a shape or colour with a present one, ranked by how
-often they co-occur with the present objects in training). Objects are drawn with
-skewed frequencies so "popular" means something.
+often they co-occur with the present objects). Objects are drawn with skewed
+frequencies so "popular" means something.
 
-Files written under out_dir:
-  images/NNNNN.png  the images (train and eval images are different files with
-                    different pixels)
-  stage1.json       captions, one per train image (`plain` template: human "<image>")
-  stage2.json       descriptions + single-turn QA + a few text-only samples
-  stage3.json       QA, some multi-turn, + a few text-only samples
-  eval.json         one question of each type per held-out image, with `answer`, `type`
-  pope.json         POPE yes/no questions on held-out images, with `label`, `category`
-  scenes.json       the scene description of every image (ground truth)
-  meta.json         counts and the generator's settings
+Train and evaluation images never coincide: an image belongs to the evaluation split
+when a hash of its pixels falls in one bucket of `EVAL_BUCKETS`, and each split redraws
+a scene until its pixels fall on its own side. Evaluation images are a separate index
+range (`split="eval"`), written to the data dir as files with their questions.
+
+Mixes (what a stage's `data` names when `data.kind="synthetic"`):
+  captions   `plain` template: human "<image>", gpt the caption (stage 1, and the
+             vision tower's pre-training)
+  instruct   descriptions + single-turn QA + a few text-only samples (stage 2)
+  qa         QA, some multi-turn, + a few text-only samples (stage 3)
+
+Files `generate` writes under out_dir:
+  images/eval-NNNNN.png  the held-out images
+  eval.json        one question of each type per held-out image, with `answer`, `type`
+  pope.json        POPE yes/no questions per held-out image, with `label`, `category`
+  scenes.json      the scene of every written image (ground truth)
+  meta.json        counts and the generator's settings
+  and, with num_images > 0, a LLaVA-JSON export of the first num_images samples of each
+  mix: stage1.json (captions), stage2.json (instruct), stage3.json (qa) with
+  images/<mix>-NNNNN.png (for `data.kind="llava_json"` runs and inspection).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-from typing import Any, Iterator
+import zlib
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -65,12 +80,25 @@ _PHRASE = {"top": "at the top", "bottom": "at the bottom", "left": "on the left"
            "right": "on the right", "center": "in the center"}
 NUMBER_WORDS = ("zero", "one", "two", "three")
 SHORT_ANSWER = "Answer with a single word."
-QUESTION_TYPES = ("count", "color", "position", "exist")
+QUESTION_TYPES = ("count", "color", "position", "exist", "relation")
 POPE_CATEGORIES = ("random", "popular", "adversarial")
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+MIXES = ("captions", "instruct", "qa")
+# The LLaVA-JSON export's file names of the mixes.
+MIX_FILES = {"captions": "stage1.json", "instruct": "stage2.json", "qa": "stage3.json"}
+SPLITS = ("train", "eval")
+EVAL_BUCKETS = 16  # 1 in 16 possible images is reserved for evaluation
 COLOR_MIXING = {("red", "yellow"): "orange", ("blue", "yellow"): "green",
                 ("red", "blue"): "purple", ("red", "white"): "pink",
                 ("black", "white"): "gray", ("blue", "white"): "cyan"}
 SIDES = {"triangle": "3", "square": "4", "diamond": "4"}
+TEXT_ONLY_FRACTION = 0.05
+DESCRIPTION_FRACTION = 0.35  # of `instruct`
+MULTI_TURN_FRACTION = 0.3    # of `qa`
+# Streams of random numbers (the second seed word): one per purpose, so e.g. the
+# questions of eval image j never share a generator with training sample j.
+_SAMPLE, _STATS, _CORPUS, _EVAL_QA, _EVAL_POPE = 3, 101, 102, 103, 104
+_SPLIT_TAG = {"train": 1, "eval": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,19 +118,28 @@ class Obj:
 Scene = tuple[Obj, ...]
 
 
+def row_col(position: str) -> tuple[int, int]:
+  """Grid row and column of a position name (0 = top / left, 2 = bottom / right; the
+  middle row and column of a 3x3 grid are 1; a 2x2 grid uses 0 and 2)."""
+  row = 0 if "top" in position else 2 if "bottom" in position else 1
+  col = 0 if "left" in position else 2 if "right" in position else 1
+  return row, col
+
+
 # ---------------------------------------------------------------------------------
 # Scenes and images
 
 
-def sample_scene(rng: np.random.Generator, *, image_size: int, grid: int = 2) -> Scene:
-  """1-3 objects with distinct shapes, colours and cells; centre/size jittered."""
+def sample_scene(rng: np.random.Generator, *, image_size: int, grid: int = 2,
+                 max_objects: int = 3) -> Scene:
+  """1-max_objects objects with distinct shapes, colours and cells; centre/size jittered."""
   if grid not in POSITIONS:
     raise ValueError(f"grid must be one of {sorted(POSITIONS)}, got {grid}")
   cell = image_size / grid
   if cell < 6:
     raise ValueError(f"image_size={image_size} is too small for a {grid}x{grid} grid "
                      "(need at least 6 pixels per cell)")
-  n = int(rng.integers(1, 4))
+  n = int(rng.integers(1, max_objects + 1))
   shapes = rng.choice(len(SHAPES), n, replace=False, p=_SHAPE_P)
   colors = rng.choice(len(COLORS), n, replace=False, p=_COLOR_P)
   cells = rng.choice(grid * grid, n, replace=False)
@@ -139,6 +176,26 @@ def render_scene(scene: Scene, image_size: int) -> np.ndarray:
   return np.asarray(image)
 
 
+def split_of(pixels: np.ndarray) -> str:
+  """"eval" for the 1 in EVAL_BUCKETS images whose pixel hash falls in bucket 0."""
+  digest = hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).digest()
+  return "eval" if int.from_bytes(digest[:4], "little") % EVAL_BUCKETS == 0 else "train"
+
+
+def draw_image(seed: int, split: str, stream: int, index: int, *, image_size: int,
+               grid: int = 2) -> tuple[Scene, np.ndarray]:
+  """The scene and pixels of image `index` of a split's `stream`: scenes are drawn from
+  one generator until the pixels belong to `split` (see `split_of`)."""
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+  rng = np.random.default_rng([seed, _SPLIT_TAG[split], stream, index])
+  while True:
+    scene = sample_scene(rng, image_size=image_size, grid=grid)
+    pixels = render_scene(scene, image_size)
+    if split_of(pixels) == split:
+      return scene, pixels
+
+
 def _place(position: str) -> str:
   if "-" in position:  # "top-left" -> "at the top left"
     return "at the " + position.replace("-", " ")
@@ -169,13 +226,13 @@ def _object_pool() -> list[tuple[str, str]]:
 
 
 @dataclasses.dataclass
-class _Stats:
-  """Training-set object statistics for POPE negative sampling."""
+class Stats:
+  """Object statistics of the training distribution, for POPE negative sampling."""
   freq: collections.Counter
   cooc: collections.Counter
 
   @classmethod
-  def from_scenes(cls, scenes) -> "_Stats":
+  def from_scenes(cls, scenes) -> "Stats":
     freq, cooc = collections.Counter(), collections.Counter()
     for scene in scenes:
       objs = [(o.color, o.shape) for o in scene]
@@ -191,8 +248,15 @@ class _Stats:
     return sorted(pool, key=lambda o: (-self.freq[o], pool.index(o)))
 
 
+@functools.lru_cache(maxsize=8)
+def stats(seed: int, grid: int = 2, n: int = 4000) -> Stats:
+  """The statistics of a fixed sample of n scenes (the training distribution's)."""
+  rng = np.random.default_rng([seed, _STATS])
+  return Stats.from_scenes(sample_scene(rng, image_size=32, grid=grid) for _ in range(n))
+
+
 def negatives(scene: Scene, k: int, category: str, rng: np.random.Generator,
-              stats: _Stats) -> list[tuple[str, str]]:
+              stats: Stats) -> list[tuple[str, str]]:
   """k (colour, shape) pairs absent from the scene, POPE-style."""
   present = {(o.color, o.shape) for o in scene}
   absent = [o for o in _object_pool() if o not in present]
@@ -220,11 +284,31 @@ def exist_question(color: str, shape: str) -> str:
   return f"Is there a {color} {shape} in the image?"
 
 
+def relation_holds(a: Obj, relation: str, b: Obj) -> bool:
+  """Whether `a` is `relation` `b`: left of / right of compare grid columns, above /
+  below compare grid rows."""
+  (ra, ca), (rb, cb) = row_col(a.position), row_col(b.position)
+  return {"to the left of": ca < cb, "to the right of": ca > cb, "above": ra < rb,
+          "below": ra > rb}[relation]
+
+
 def make_question(scene: Scene, qtype: str, rng: np.random.Generator,
-                  stats: _Stats) -> tuple[str, str]:
-  """(question, answer) of one type, answerable from the scene alone."""
+                  stats: Stats) -> tuple[str, str]:
+  """(question, answer) of one type, answerable from the scene alone. `relation` needs
+  two objects: on a one-object scene it asks `exist` instead."""
   if qtype == "count":
     return "How many shapes are in the image?", str(len(scene))
+  if qtype == "relation" and len(scene) < 2:
+    qtype = "exist"
+  if qtype == "relation":
+    i, j = rng.choice(len(scene), 2, replace=False)
+    a, b = scene[int(i)], scene[int(j)]
+    true = [r for r in RELATIONS if relation_holds(a, r, b)]
+    false = [r for r in RELATIONS if r not in true]
+    pool = true if (rng.random() < 0.5 and true) or not false else false
+    relation = pool[int(rng.integers(len(pool)))]
+    return (f"Is the {a.name} {relation} the {b.name}?",
+            "yes" if relation_holds(a, relation, b) else "no")
   obj = scene[int(rng.integers(len(scene)))]
   if qtype == "color":
     return f"What color is the {obj.shape}?", obj.color
@@ -266,125 +350,160 @@ def _turns(pairs, image: bool) -> list[dict[str, str]]:
   return turns
 
 
-# ---------------------------------------------------------------------------------
-# The data set
-
-
-def _image_name(i: int) -> str:
-  return f"images/{i:05d}.png"
-
-
-def generate(out_dir: str, *, num_images: int = 1000, image_size: int = 32, seed: int = 0,
-             eval_fraction: float = 0.1, grid: int = 2, text_only_fraction: float = 0.05,
-             multi_turn_fraction: float = 0.3) -> dict[str, Any]:
-  """Writes the data set (see module docstring) and returns meta.json's content."""
-  if num_images < 2:
-    raise ValueError(f"num_images must be at least 2, got {num_images}")
-  if not 0.0 < eval_fraction < 1.0:
-    raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-  num_eval = max(1, int(round(num_images * eval_fraction)))
-  if num_eval >= num_images:
-    raise ValueError(f"eval_fraction={eval_fraction} leaves no training images")
-  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-
-  # Scenes: one stream for all images; the eval split is a seeded subset. An eval
-  # image whose pixels equal a train image's is redrawn so the splits never share an
-  # image, not even by content.
-  scene_rng = np.random.default_rng([seed, 0])
-  scenes = [sample_scene(scene_rng, image_size=image_size, grid=grid) for _ in range(num_images)]
-  eval_ids = set(np.random.default_rng([seed, 1]).choice(num_images, num_eval, replace=False)
-                 .tolist())
-  train_ids = [i for i in range(num_images) if i not in eval_ids]
-  pixels = {}
-  train_hashes = set()
-  for i in train_ids:
-    pixels[i] = render_scene(scenes[i], image_size)
-    train_hashes.add(hashlib.sha1(pixels[i].tobytes()).hexdigest())
-  for i in sorted(eval_ids):
-    while True:
-      pixels[i] = render_scene(scenes[i], image_size)
-      if hashlib.sha1(pixels[i].tobytes()).hexdigest() not in train_hashes:
-        break
-      scenes[i] = sample_scene(scene_rng, image_size=image_size, grid=grid)
-  for i in range(num_images):
-    Image.fromarray(pixels[i]).save(os.path.join(out_dir, _image_name(i)), compress_level=1)
-
-  stats = _Stats.from_scenes(scenes[i] for i in train_ids)
-  out: dict[str, list[dict[str, Any]]] = {}
-
-  # Stage 1: captions (plain template).
-  out["stage1"] = [{"id": f"s1-{i}", "image": _image_name(i), "conversations": [
-      {"from": "human", "value": IMAGE_PLACEHOLDER},
-      {"from": "gpt", "value": caption(scenes[i])}]} for i in train_ids]
-
-  def text_only(rng, prefix, n):
-    return [{"id": f"{prefix}-text-{j}", "conversations": _turns([text_only_sample(rng)],
-                                                                 False)} for j in range(n)]
-
-  n_text = int(round(len(train_ids) * text_only_fraction))
-  # Stage 2: descriptions and single-turn QA.
-  rng = np.random.default_rng([seed, 2])
-  stage2 = []
-  for i in train_ids:
-    if rng.random() < 0.4:
+def conversation(mix: str, scene: Scene, rng: np.random.Generator,
+                 stats: Stats) -> list[dict[str, str]]:
+  """The turns of one image sample of `mix` about `scene`."""
+  if mix == "captions":
+    return [{"from": "human", "value": IMAGE_PLACEHOLDER},
+            {"from": "gpt", "value": caption(scene)}]
+  if mix == "instruct":
+    if rng.random() < DESCRIPTION_FRACTION:
       q = ("Describe the image.", "What do you see in this picture?")[int(rng.integers(2))]
-      conv = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}"},
-              {"from": "gpt", "value": description(scenes[i])}]
-    else:
-      qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
-      conv = _turns([make_question(scenes[i], qtype, rng, stats)], True)
-    stage2.append({"id": f"s2-{i}", "image": _image_name(i), "conversations": conv})
-  stage2 += text_only(rng, "s2", n_text)
-  out["stage2"] = [stage2[j] for j in rng.permutation(len(stage2))]
-
-  # Stage 3: QA, some multi-turn over different question types.
-  rng = np.random.default_rng([seed, 3])
-  stage3 = []
-  for i in train_ids:
-    turns = int(rng.integers(2, 4)) if rng.random() < multi_turn_fraction else 1
+      return [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}"},
+              {"from": "gpt", "value": description(scene)}]
+    qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+    return _turns([make_question(scene, qtype, rng, stats)], True)
+  if mix == "qa":
+    turns = int(rng.integers(2, 4)) if rng.random() < MULTI_TURN_FRACTION else 1
     qtypes = rng.choice(len(QUESTION_TYPES), turns, replace=False)
-    pairs = [make_question(scenes[i], QUESTION_TYPES[t], rng, stats) for t in qtypes]
-    stage3.append({"id": f"s3-{i}", "image": _image_name(i),
-                   "conversations": _turns(pairs, True)})
-  stage3 += text_only(rng, "s3", n_text)
-  out["stage3"] = [stage3[j] for j in rng.permutation(len(stage3))]
+    return _turns([make_question(scene, QUESTION_TYPES[t], rng, stats) for t in qtypes],
+                  True)
+  raise ValueError(f"unknown synthetic mix {mix!r}; expected one of {MIXES}")
 
-  # Held-out evaluation: one question of each type per eval image.
-  rng = np.random.default_rng([seed, 4])
-  out["eval"] = []
-  for i in sorted(eval_ids):
+
+# ---------------------------------------------------------------------------------
+# The training source
+
+
+def stream_of(mix: str, salt: int = 0) -> int:
+  """A stable stream number per (mix, salt): stages draw different images."""
+  return zlib.crc32(mix.encode()) % 100_000 * 100 + salt
+
+
+class SyntheticSource:
+  """Samples of one mix as a grain random-access source, computed from the index.
+
+  Record i: {"id", "image": uint8 [S, S, 3] or None (text-only), "conversations"},
+  a pure function of (seed, stream, i); images come from the training split only.
+  `sample(i)` also returns the scene (None for text-only samples).
+  """
+
+  def __init__(self, mix: str, num_samples: int, *, seed: int = 0, image_size: int = 32,
+               grid: int = 2, stream: Optional[int] = None,
+               text_only_fraction: Optional[float] = None):
+    if mix not in MIXES:
+      raise ValueError(f"unknown synthetic mix {mix!r}; expected one of {MIXES}")
+    if num_samples < 1:
+      raise ValueError(f"num_samples must be positive, got {num_samples}")
+    self.mix, self.num_samples, self.seed = mix, int(num_samples), int(seed)
+    self.image_size, self.grid = int(image_size), int(grid)
+    self.stream = stream_of(mix) if stream is None else int(stream)
+    if text_only_fraction is None:
+      text_only_fraction = 0.0 if mix == "captions" else TEXT_ONLY_FRACTION
+    self.text_only_fraction = float(text_only_fraction)
+    self.skipped: dict[str, int] = {}  # nothing is malformed (the loop reads this)
+
+  def __len__(self) -> int:
+    return self.num_samples
+
+  def sample(self, index: int) -> tuple[Optional[Scene], dict[str, Any]]:
+    index = int(index)
+    if not 0 <= index < self.num_samples:
+      raise IndexError(f"index {index} out of range({self.num_samples})")
+    rng = np.random.default_rng([self.seed, _SAMPLE, self.stream, index])
+    record_id = f"{self.mix}-{index}"
+    if rng.random() < self.text_only_fraction:
+      return None, {"id": record_id, "image": None,
+                    "conversations": _turns([text_only_sample(rng)], False)}
+    scene, pixels = draw_image(self.seed, "train", self.stream, index,
+                               image_size=self.image_size, grid=self.grid)
+    conv = conversation(self.mix, scene, rng, stats(self.seed, self.grid))
+    return scene, {"id": record_id, "image": pixels, "conversations": conv}
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.sample(index)[1]
+
+  def __repr__(self) -> str:
+    return (f"SyntheticSource({self.mix!r}, {self.num_samples} samples, seed={self.seed}, "
+            f"stream={self.stream})")
+
+
+# ---------------------------------------------------------------------------------
+# Held-out evaluation files (and an optional LLaVA-JSON export of the training mixes)
+
+
+def _image_name(prefix: str, i: int) -> str:
+  return f"images/{prefix}-{i:05d}.png"
+
+
+def eval_records(seed: int, num_eval_images: int, *, image_size: int = 32, grid: int = 2
+                 ) -> tuple[dict[str, Scene], dict[str, np.ndarray], list[dict], list[dict]]:
+  """(scenes, pixels, eval questions, POPE questions) of the held-out images, by name."""
+  st = stats(seed, grid)
+  scenes, pixels, qa, pope = {}, {}, [], []
+  for j in range(num_eval_images):
+    name = _image_name("eval", j)
+    scene, px = draw_image(seed, "eval", 0, j, image_size=image_size, grid=grid)
+    scenes[name], pixels[name] = scene, px
+    rng = np.random.default_rng([seed, _EVAL_QA, j])
     for qtype in QUESTION_TYPES:
-      q, a = make_question(scenes[i], qtype, rng, stats)
-      out["eval"].append({"id": f"eval-{i}-{qtype}", "image": _image_name(i), "question": q,
-                          "answer": a, "type": qtype,
-                          "conversations": _turns([(q, a)], True)})
-
-  # POPE: per image and category, every present object (yes) and as many negatives (no).
-  rng = np.random.default_rng([seed, 5])
-  out["pope"] = []
-  for i in sorted(eval_ids):
-    scene = scenes[i]
+      if qtype == "relation" and len(scene) < 2:
+        continue  # one object: nothing to relate
+      q, a = make_question(scene, qtype, rng, st)
+      qa.append({"id": f"eval-{j}-{qtype}", "image": name, "question": q, "answer": a,
+                 "type": qtype, "conversations": _turns([(q, a)], True)})
+    # POPE: per category, every present object (yes) and as many negatives (no).
+    rng = np.random.default_rng([seed, _EVAL_POPE, j])
     for category in POPE_CATEGORIES:
       asked = [((o.color, o.shape), "yes") for o in scene]
-      asked += [(o, "no") for o in negatives(scene, len(scene), category, rng, stats)]
-      for j, ((color, shape), label) in enumerate(asked):
+      asked += [(o, "no") for o in negatives(scene, len(scene), category, rng, st)]
+      for i, ((color, shape), label) in enumerate(asked):
         q = exist_question(color, shape)
-        out["pope"].append({"id": f"pope-{i}-{category}-{j}", "image": _image_name(i),
-                            "question": q, "label": label, "category": category,
-                            "object": f"{color} {shape}",
-                            "conversations": _turns([(q, label)], True)})
+        pope.append({"id": f"pope-{j}-{category}-{i}", "image": name, "question": q,
+                     "label": label, "category": category, "object": f"{color} {shape}",
+                     "conversations": _turns([(q, label)], True)})
+  return scenes, pixels, qa, pope
 
-  for name, records in out.items():
+
+def generate(out_dir: str, *, num_eval_images: int = 150, num_images: int = 0,
+             image_size: int = 32, seed: int = 0, grid: int = 2) -> dict[str, Any]:
+  """Writes the held-out evaluation set (and, with num_images > 0, the first
+  num_images samples of each training mix as LLaVA JSON) under out_dir; returns
+  meta.json's content. See the module docstring for the files."""
+  if num_eval_images < 1:
+    raise ValueError(f"num_eval_images must be positive, got {num_eval_images}")
+  if num_images < 0:
+    raise ValueError(f"num_images must be >= 0, got {num_images}")
+  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+  scenes, pixels, qa, pope = eval_records(seed, num_eval_images, image_size=image_size,
+                                          grid=grid)
+  split = {name: "eval" for name in scenes}
+  files = {"eval": qa, "pope": pope}
+  for mix in MIXES if num_images else ():
+    source = SyntheticSource(mix, num_images, seed=seed, image_size=image_size, grid=grid)
+    records = []
+    for i in range(num_images):
+      scene, record = source.sample(i)
+      if scene is not None:
+        name = _image_name(mix, i)
+        scenes[name], pixels[name], split[name] = scene, record["image"], "train"
+        record = dict(record, image=name)
+      else:
+        record = {k: v for k, v in record.items() if k != "image"}
+      records.append(record)
+    files[MIX_FILES[mix][:-len(".json")]] = records
+  for name, px in pixels.items():
+    Image.fromarray(px).save(os.path.join(out_dir, name), compress_level=1)
+  for name, records in files.items():
     _write_json(os.path.join(out_dir, f"{name}.json"), records)
   _write_json(os.path.join(out_dir, "scenes.json"), {
-      _image_name(i): {"split": "eval" if i in eval_ids else "train",
-                       "objects": [vars(o) for o in scenes[i]]}
-      for i in range(num_images)})
-  meta = {"seed": seed, "num_images": num_images, "image_size": image_size, "grid": grid,
-          "eval_fraction": eval_fraction, "num_train_images": len(train_ids),
-          "num_eval_images": num_eval, "counts": {k: len(v) for k, v in out.items()},
+      name: {"split": split[name], "objects": [vars(o) for o in scene]}
+      for name, scene in scenes.items()})
+  meta = {"seed": seed, "image_size": image_size, "grid": grid,
+          "num_eval_images": num_eval_images, "num_images": num_images,
+          "eval_buckets": EVAL_BUCKETS, "counts": {k: len(v) for k, v in files.items()},
           "shapes": list(SHAPES), "colors": list(COLORS), "positions": list(POSITIONS[grid]),
-          "popular_objects": [" ".join(o) for o in stats.popular()]}
+          "popular_objects": [" ".join(o) for o in stats(seed, grid).popular()]}
   _write_json(os.path.join(out_dir, "meta.json"), meta)
   return meta
 
@@ -394,15 +513,32 @@ def _write_json(path: str, obj: Any) -> None:
     f.write(json.dumps(obj, separators=(",", ":")))  # one-shot C encoder: fast
 
 
-def corpus(data_dir: str) -> Iterator[str]:
-  """Every text of a generated data set plus the template strings: the tokenizer's
-  training corpus."""
+def corpus(data_dir: Optional[str] = None, *, seed: int = 0, grid: int = 2,
+           samples_per_mix: int = 3000) -> Iterator[str]:
+  """The tokenizer's training corpus: the template strings, the text of
+  `samples_per_mix` samples of every mix (questions and answers of every kind), and
+  the texts of the data dir's JSON files. A data dir's meta.json sets seed and grid."""
+  meta_path = os.path.join(data_dir, "meta.json") if data_dir else ""
+  if meta_path and os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    seed, grid = meta.get("seed", seed), meta.get("grid", grid)
   # The template's fixed strings occur in every sample: repeat them so BPE merges them.
   for _ in range(50):
     yield MOE_LLAVA_SYSTEM + " USER: ASSISTANT:"
+  st = stats(seed, grid)
+  rng = np.random.default_rng([seed, _CORPUS])
+  for mix in MIXES:  # text only: scenes without pixels
+    for _ in range(samples_per_mix):
+      if mix != "captions" and rng.random() < TEXT_ONLY_FRACTION:
+        turns = _turns([text_only_sample(rng)], False)
+      else:
+        turns = conversation(mix, sample_scene(rng, image_size=32, grid=grid), rng, st)
+      for turn in turns:
+        yield turn["value"].replace(IMAGE_PLACEHOLDER, "")
   for name in ("stage1", "stage2", "stage3", "eval", "pope"):
-    path = os.path.join(data_dir, f"{name}.json")
-    if not os.path.exists(path):
+    path = os.path.join(data_dir, f"{name}.json") if data_dir else ""
+    if not path or not os.path.exists(path):
       continue
     with open(path, encoding="utf-8") as f:
       for record in json.load(f):
