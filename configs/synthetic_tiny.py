@@ -48,6 +48,11 @@ def get_config():
                 grid=2, max_length=128, normalization="clip", max_bad_fraction=0.05,
                 eval_file="eval.json", pope_file="pope.json"),
       mesh=dict(data=-1, fsdp=1, model=1, expert=1),
+      # The stand-in for CLIP's pre-training: the tower learns to caption, then stays
+      # frozen through stages 1-3 (moe_vlm/train/pretrain_vision.py).
+      vision_pretrain=dict(steps=300, batch_size=64, learning_rate=1e-3, warmup_ratio=0.05,
+                           data="captions", decoder_layers=1,
+                           head_fraction=HEAD_FRACTION),
       stages=dict(
           stage1=stage("projector", "captions", "plain", steps=150, lr=1e-3),
           stage2=stage("projector_llm", "instruct", "phi", steps=900, lr=1e-3),

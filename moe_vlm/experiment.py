@@ -5,6 +5,9 @@ so this is the one place that knows the workdir layout:
 
   config.json              the experiment config the run was started with
   data/                    synthetic held-out set and tokenizer (`data.kind="synthetic"`)
+  vision_pretrain/         the vision tower's pre-training (`vision_pretrain`), laid out
+                           like a stage (checkpoints/, final/, tb/, metrics.jsonl);
+                           "stage 0" in the code and the logs
   stage<k>/checkpoints/    Orbax TrainState checkpoints (+ data iterator state, counters)
   stage<k>/final/          the stage's parameters (Orbax, written by every process from
                            its own shards), the start of stage k+1 and of inference
@@ -43,6 +46,7 @@ log = logging.getLogger("moe_vlm")
 
 CONFIG_FILE = "config.json"
 STAGES = schema.STAGES
+PRETRAIN = 0  # the vision tower's pre-training, run as "stage 0" before stage 1
 
 Settings = schema.ExperimentConfig
 
@@ -145,10 +149,29 @@ def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLM
   return cfg
 
 
+def pretrain_model_config(c: ml_collections.ConfigDict | Settings,
+                          dense: VLMConfig) -> VLMConfig:
+  """The vision tower's captioning model (`vision_pretrain`): the dense model's tower,
+  feature layer and image tokens, a fresh `mlp2x_gelu` projector and the LLM's
+  architecture cut to `vision_pretrain.decoder_layers` plain layers."""
+  s = settings_of(c)
+  text = dataclasses.replace(dense.text, num_layers=s.vision_pretrain.decoder_layers,
+                             moe=None, lora_moe=None, language_expert=None)
+  cfg = VLMConfig(vision=dense.vision, text=text, projector="mlp2x_gelu",
+                  vision_feature_layer=dense.vision_feature_layer,
+                  vision_feature_select_strategy=dense.vision_feature_select_strategy,
+                  image_token_id=dense.image_token_id)
+  cfg.validate()
+  return cfg
+
+
 def stage_model_config(c: ml_collections.ConfigDict | Settings, dense: VLMConfig,
                        k: int) -> VLMConfig:
-  """Stage k's model: the dense one, plus in stage 3 the MoE layers or LoRA experts."""
+  """Stage k's model: the dense one, plus in stage 3 the MoE layers or LoRA experts;
+  "stage 0" is the vision tower's pre-training (`pretrain_model_config`)."""
   s = settings_of(c)
+  if k == PRETRAIN:
+    return pretrain_model_config(s, dense)
   if k not in STAGES:
     raise ValueError(f"stage {k}: MoE-Tuning has stages 1, 2 and 3")
   if k != 3:
@@ -239,18 +262,26 @@ class Experiment:
             or os.path.join(self.data_dir, "tokenizer"))
 
   def stage_dir(self, k: int) -> str:
-    return self.path(f"stage{k}")
+    """stage<k>/, and vision_pretrain/ for k = PRETRAIN."""
+    return self.path("vision_pretrain" if k == PRETRAIN else f"stage{k}")
 
   def checkpoint_dir(self, k: int) -> str:
-    return self.path(f"stage{k}", "checkpoints")
+    return os.path.join(self.stage_dir(k), "checkpoints")
 
   def final_dir(self, k: int) -> str:
-    return self.path(f"stage{k}", "final")
+    return os.path.join(self.stage_dir(k), "final")
 
   def has_final(self, k: int) -> bool:
     return ckpt_lib.has_params(self.final_dir(k))
 
+  @property
+  def pretrains_vision(self) -> bool:
+    """Whether stage 1 starts from the tower of `vision_pretrain` (steps > 0)."""
+    return self.settings.vision_pretrain.steps > 0
+
   def stage(self, k: int) -> schema.StageSettings:
+    if k == PRETRAIN:
+      return self.settings.vision_pretrain.stage()
     return self.settings.stages.get(k)
 
   def stage_config(self, k: int) -> ml_collections.ConfigDict:

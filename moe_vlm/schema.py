@@ -163,6 +163,48 @@ class DataSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionPretrainSettings:
+  """A short pre-training of the randomly initialised vision tower, run before stage 1:
+  the stand-in for CLIP's pre-training (MoE-LLaVA starts from a pretrained CLIP or
+  SigLIP tower). The tower learns to caption `data` (the `plain` template) through a
+  throwaway decoder: the LLM's architecture with `decoder_layers` layers and a fresh
+  `mlp2x_gelu` projector, all trained. Only the tower is kept: stage 1 starts from it
+  (`<workdir>/vision_pretrain/final`) and stages 1-3 keep it frozen. Checkpointed and
+  resumed like a stage (logged as stage 0). steps=0: off (a random tower, or the
+  `init` checkpoint's); refused beside init.hf_vision, init.hf_llava or init.ckpt."""
+
+  steps: int = 0
+  batch_size: int = 64
+  learning_rate: float = 1e-3
+  warmup_ratio: float = 0.05
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  data: str = "captions"      # a synthetic mix, or LLaVA JSON files of captions
+  decoder_layers: int = 1
+  head_fraction: float = 0.0  # as StageSettings.head_fraction
+
+  def validate(self) -> None:
+    _at_least("vision_pretrain", self, steps=0, batch_size=1, decoder_layers=1)
+    if not self.learning_rate > 0:
+      raise ConfigError(f"vision_pretrain.learning_rate={self.learning_rate}: expected > 0")
+    if not 0 <= self.warmup_ratio <= 1:
+      raise ConfigError(f"vision_pretrain.warmup_ratio={self.warmup_ratio}: expected 0..1")
+    if self.weight_decay < 0 or self.clip_norm < 0:
+      raise ConfigError(f"vision_pretrain: weight_decay={self.weight_decay} and "
+                        f"clip_norm={self.clip_norm} must be >= 0")
+    if not 0 <= self.head_fraction <= 1:
+      raise ConfigError(f"vision_pretrain.head_fraction={self.head_fraction}: expected 0..1")
+
+  def stage(self) -> StageSettings:
+    """The pre-training as the trainer's stage settings (preset `vision_pretrain`)."""
+    return StageSettings(train="vision_pretrain", data=self.data, template="plain",
+                         batch_size=self.batch_size, steps=self.steps, epochs=0,
+                         learning_rate=self.learning_rate, warmup_ratio=self.warmup_ratio,
+                         weight_decay=self.weight_decay, clip_norm=self.clip_norm,
+                         head_fraction=self.head_fraction)
+
+
+@dataclasses.dataclass(frozen=True)
 class DcnSettings:
   """How the process grid splits over the mesh axes (MaxText's dcn_*_parallelism): all 1
   lets `jax.make_mesh` order the devices; otherwise each axis is this many groups of
@@ -222,6 +264,7 @@ class ExperimentConfig:
   init: InitSettings = InitSettings()
   data: DataSettings = DataSettings()
   mesh: MeshSettings = MeshSettings()
+  vision_pretrain: VisionPretrainSettings = VisionPretrainSettings()
   stages: StagesSettings = StagesSettings()
   checkpoint: CheckpointSettings = CheckpointSettings()
   log_every: int = 25
@@ -234,12 +277,21 @@ class ExperimentConfig:
       self.stages.get(k).validate(f"stages.stage{k}")
     self.data.validate()
     self.init.validate()
+    self.vision_pretrain.validate()
+    tower = self.init.hf_vision or self.init.hf_llava or self.init.ckpt
+    if self.vision_pretrain.steps and tower:
+      raise ConfigError(
+          f"vision_pretrain.steps={self.vision_pretrain.steps}: the vision tower comes from "
+          f"{tower} (init); its pre-training stands in for a pretrained tower, so set "
+          "vision_pretrain.steps=0")
     if self.data.kind == "synthetic" and not self.data.num_images:
-      for k in STAGES:
-        if not self.stages.get(k).steps:
-          raise ConfigError(f"stages.stage{k}.steps=0 (epochs) with data.num_images=0: the "
+      runs = [(f"stages.stage{k}", self.stages.get(k).steps) for k in STAGES]
+      runs.append(("vision_pretrain", self.vision_pretrain.steps or 1))
+      for where, steps in runs:
+        if not steps:
+          raise ConfigError(f"{where}.steps=0 (epochs) with data.num_images=0: the "
                             "synthetic data has a new image per sample, no epochs; set "
-                            f"stages.stage{k}.steps or data.num_images")
+                            f"{where}.steps or data.num_images")
     self.checkpoint.validate()
     self.eval.validate()
     _at_least("", self, log_every=1)

@@ -340,6 +340,7 @@ def _tiny_config():
   c.model.text.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                       num_kv_heads=1)
   c.data.update(num_images=16, num_eval_images=8, max_length=96)
+  c.vision_pretrain.steps = 0  # tests/test_stages.py runs the tower's pre-training
   for k in (1, 2, 3):
     c.stages[f"stage{k}"].update(steps=1, batch_size=8, warmup_ratio=0.0)
   c.checkpoint.update(every_steps=100, async_save=False)

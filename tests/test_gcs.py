@@ -204,6 +204,7 @@ def tiny_config(data_dir):
                       num_kv_heads=1)
   # The data set and tokenizer stay on local disk (what launch/setup.sh --sync does).
   c.data.update(dir=data_dir, num_images=40, max_length=64)
+  c.vision_pretrain.steps = 0
   c.stages.stage1.update(steps=4, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0)
   c.mesh.update(data=2, fsdp=2, expert=2)
   c.checkpoint.update(every_steps=2, keep=2, async_save=True)

@@ -24,7 +24,7 @@ TINY = {
     "model.vision.num_layers": 1, "model.vision.num_heads": 2,
     "model.text.hidden_size": 32, "model.text.intermediate_size": 64,
     "model.text.num_layers": 2, "model.text.num_heads": 2, "model.text.num_kv_heads": 1,
-    "data.num_images": 40, "data.max_length": 64,
+    "data.num_images": 40, "data.max_length": 64, "vision_pretrain.steps": 0,
     "checkpoint.every_steps": 2, "checkpoint.async_save": False, "log_every": 1,
     "eval.max_examples": 8, "eval.batch_size": 8, "eval.max_new_tokens": 2,
     **{f"stages.stage{k}.{f}": v for k in (1, 2, 3)

@@ -18,12 +18,14 @@ from moe_vlm.train.upcycle import upcycle_params
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config():
+def tiny_config(pretrain_vision=False):
   c = synthetic_tiny.get_config()
   c.model.vision.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
   c.model.text.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                       num_kv_heads=1)
   c.data.update(num_images=60, num_eval_images=12, max_length=128)
+  # The tower's pre-training (before stage 1) only where a test asks for it.
+  c.vision_pretrain.update(steps=4 if pretrain_vision else 0, batch_size=8, warmup_ratio=0.0)
   for k in (1, 2, 3):
     c.stages[f"stage{k}"].update(steps=4, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0)
   c.mesh.update(data=2, fsdp=2, expert=2)  # the loop runs sharded over the 8 test devices
@@ -41,7 +43,7 @@ def _finals(exp):
 @pytest.fixture(scope="module")
 def three_stages(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  c = tiny_config()
+  c = tiny_config(pretrain_vision=True)
   exp = loop.train(c, workdir)
   return c, workdir, _finals(exp), exp
 
@@ -50,6 +52,13 @@ def test_each_stage_trains_only_its_parameters(three_stages):
   c, workdir, results, exp = three_stages
   init = loop.initial_params(exp, exp.mesh())
   s1, s2, s3 = results[1], results[2], results[3]
+  # Stage 1 starts from the pretrained tower, and stages 1-3 leave it bit-identical.
+  tower = {n: np.asarray(v) for n, v in exp.load_params(0).items() if n.startswith("vision.")}
+  assert tower and all(n.startswith(("vision.", "projector.", "llm.")) for n in init)
+  for name, value in tower.items():
+    for k in (1, 2, 3):
+      np.testing.assert_array_equal(results[k][name], value, err_msg=f"stage {k} {name}")
+    np.testing.assert_array_equal(np.asarray(init[name]), value, err_msg=name)
   # Stage 1: projector only.
   for name, value in s1.items():
     changed = not np.array_equal(value, init[name])
@@ -210,7 +219,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   cmd = [sys.executable, "-m", "moe_vlm", "train", "--config",
          os.path.join(ROOT, "configs", "synthetic_tiny.py"), "--workdir", workdir,
          "--stage", "1", "--config.data.num_images=40", "--config.log_every=1",
-         "--config.data.num_eval_images=4",
+         "--config.vision_pretrain.steps=0", "--config.data.num_eval_images=4",
          "--config.checkpoint.every_steps=1000", "--config.stages.stage1.steps=100000",
          "--config.stages.stage1.batch_size=4", "--config.model.text.num_layers=1"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")

@@ -135,7 +135,8 @@ def preprocess_config(data: schema.DataSettings, cfg: VLMConfig,
 
 def initial_params(exp: Experiment, mesh: jax.sharding.Mesh) -> Params:
   """Stage 1's start, on `mesh`: the pretrained parts named in `init` (read tensor by
-  tensor onto their shardings), a random init (under jit, on its shardings) for the rest."""
+  tensor onto their shardings) or the tower of `vision_pretrain`, a random init (under
+  jit, on its shardings) for the rest."""
   from moe_vlm.convert import hf
 
   cfg, init = exp.dense_config, exp.settings.init
@@ -148,6 +149,9 @@ def initial_params(exp: Experiment, mesh: jax.sharding.Mesh) -> Params:
                      ("llm", init.hf_llm)):
     if path:
       params.update(hf.import_pretrained_params(path, cfg, part, codec.shapes, shardings))
+  if exp.pretrains_vision:  # the tower of `vision_pretrain` (run before stage 1)
+    from moe_vlm.train import pretrain_vision
+    params.update(pretrain_vision.tower(exp, mesh))
   rest = [n for n in codec.names if n not in params]
   if rest:
     params.update(placement.init_params(cfg, mesh, exp.settings.seed, rest))
@@ -532,6 +536,11 @@ def train(c: ml_collections.ConfigDict, workdir: str, stages: Sequence[int] = (1
   check_stages(exp, stages, mesh)
   settings = exp.settings
   latest: dict[int, Params] = {}  # the last finished stage's params, for the next one
+  if 1 in stages and exp.pretrains_vision and not exp.has_final(1):
+    from moe_vlm.train import pretrain_vision  # the tower stage 1 starts from
+    pretrain_vision.check(exp, mesh)
+    if pretrain_vision.run(exp, mesh, stop_after=stop_after) is None:
+      return exp  # stop_after
 
   def previous(k: int) -> Params:
     if k - 1 in latest:

@@ -10,6 +10,8 @@
 HyperLLaVA's experts live under `projector.` (visual) and `llm.` (language), so stage 1
 trains the visual expert with the projector and stage 2 the language expert with the LLM.
 The vision tower is frozen in every stage; a selection that matches nothing fails.
+Only its pre-training before stage 1 (`vision_pretrain`, the stand-in for CLIP's
+pre-training; not a MoE-Tuning preset) trains the tower, with a throwaway decoder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 PRESETS = ("projector", "projector_llm", "moe_layers", "moe_llava_code", "lora_experts")
+VISION_PRETRAIN = "vision_pretrain"  # every parameter of the tower's captioning model
 
 
 class StageConfigError(ValueError):
@@ -40,6 +43,8 @@ def trainable_fn(preset: str, extra_modules: Sequence[str] = ()) -> Callable[[st
       "moe_llava_code": lambda n: _is_ffn(n) or n.startswith("projector."),
       "lora_experts": lambda n: ".lora_mlp." in n or ".lora_attn." in n,
   }
+  if preset == VISION_PRETRAIN:
+    return lambda name: True
   if preset not in rules:
     raise StageConfigError(f"stage train preset {preset!r}: expected one of {PRESETS}")
   base = rules[preset]
