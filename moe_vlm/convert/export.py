@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moe_vlm import files
+from moe_vlm import experiment, files
 from moe_vlm.convert import hf, keymap, released, safetensors_io
 from moe_vlm.convert.hf import ConversionError
 from moe_vlm.models import config as config_lib
@@ -49,8 +49,8 @@ from moe_vlm.parallel import placement
 log = logging.getLogger("moe_vlm")
 
 LAYOUTS = ("auto", "llava", "moe_llava")
-CONFIG_FILE = "moe_vlm_config.json"
-PROCESSOR_FILE = "preprocessor_config.json"
+# A converted checkpoint's layout belongs to moe_vlm.experiment (params/, tokenizer/, ...).
+CONFIG_FILE, PROCESSOR_FILE = experiment.CKPT_CONFIG, experiment.CKPT_PROCESSOR
 IMAGE_TOWER_DIR = "image_tower"
 IMAGE_TOKEN = "<image>"
 _MAX_SHARD_BYTES = 5 * 2**30
@@ -824,17 +824,16 @@ def to_hf(out_dir: str, *, workdir: Optional[str] = None, stage: int = 3, config
   the experiment config `config`, else the `config.json` that `train` wrote in `workdir`.
   The parameters are restored onto `mesh` (several processes: the training mesh, or
   FSDP over all devices) and written one tensor at a time (see `export_params`)."""
-  from moe_vlm.experiment import Experiment, load_params
-
   source = None
   if ckpt:
     cfg = load_config(vlm_config or os.path.join(ckpt, CONFIG_FILE))
-    local = os.path.join(ckpt, "tokenizer")
+    local = os.path.join(ckpt, experiment.CKPT_TOKENIZER)
     tokenizer = tokenizer or (local if os.path.isdir(local) else None)
     source = released.SourceRecord.load(ckpt)
-    params = load_params(os.path.join(ckpt, "params"), cfg, _export_mesh(mesh))
+    params = experiment.load_params(os.path.join(ckpt, experiment.CKPT_PARAMS), cfg,
+                                    _export_mesh(mesh))
   elif workdir:
-    exp = Experiment.from_workdir(workdir, config)
+    exp = experiment.Experiment.from_workdir(workdir, config)
     if mesh is None and jax.process_count() > 1:
       mesh = exp.mesh()
     cfg = load_config(vlm_config) if vlm_config else exp.model_config(stage)
@@ -843,7 +842,7 @@ def to_hf(out_dir: str, *, workdir: Optional[str] = None, stage: int = 3, config
       moe_llava = resolve_layout(cfg, export_kw.get("layout", "auto")) == "moe_llava"
       tokenizer = exp.tokenizer_dir if moe_llava else exp.tokenizer
     normalization = normalization or exp.settings.data.normalization
-    params = load_params(exp.final_dir(stage), cfg, mesh)
+    params = experiment.load_params(exp.final_dir(stage), cfg, mesh)
   else:
     raise ValueError("to_hf needs a workdir or a converted checkpoint (ckpt)")
   return export_params(params_source(params), cfg, out_dir, tokenizer=tokenizer,
@@ -865,16 +864,17 @@ def from_hf(hf_dir: str, out_dir: str, *, dtype: str = "float32",
   model, source = import_with_source(hf_dir, dtype=dtype, image_token_id=image_token_id,
                                      image_tower=image_tower)
   with files.output_dir(out_dir, overwrite=overwrite) as tmp:
-    ckpt_lib.save_params(os.path.join(tmp, "params"), ParamCodec(model).flatten(model))
+    ckpt_lib.save_params(os.path.join(tmp, experiment.CKPT_PARAMS),
+                         ParamCodec(model).flatten(model))
     if jax.process_index() == 0:
       save_config(model.cfg, os.path.join(tmp, CONFIG_FILE))
       if source is not None:
         source.save(tmp)
       names = _tokenizer_names(hf_dir)
       if names:
-        os.makedirs(os.path.join(tmp, "tokenizer"))
+        os.makedirs(os.path.join(tmp, experiment.CKPT_TOKENIZER))
         for n in names:
-          shutil.copy2(os.path.join(hf_dir, n), os.path.join(tmp, "tokenizer", n))
+          shutil.copy2(os.path.join(hf_dir, n), os.path.join(tmp, experiment.CKPT_TOKENIZER, n))
       # The image mean/std the model was trained with, for inference on the checkpoint.
       if os.path.exists(os.path.join(hf_dir, PROCESSOR_FILE)):
         shutil.copy2(os.path.join(hf_dir, PROCESSOR_FILE), os.path.join(tmp, PROCESSOR_FILE))
