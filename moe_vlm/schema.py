@@ -97,7 +97,8 @@ class ModelSettings:
 # TextConfig / VisionConfig fields that say how to run the model, not what it is: they
 # apply to checkpoint-defined architectures too.
 EXECUTION_FIELDS = {
-    "text": ("dtype", "param_dtype", "remat", "attention_causal_blocks", "language_expert"),
+    "text": ("dtype", "param_dtype", "remat", "attention_causal_blocks", "attention_impl",
+             "attention_block_size", "language_expert"),
     "vision": ("dtype", "param_dtype"),
 }
 # Blocks of the experiment that live elsewhere in the model config.

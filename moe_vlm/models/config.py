@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 MoEMode = Literal["sparse", "dense", "first_half", "second_half"]
 Dispatch = Literal["capacity", "dropless"]
+AttentionImpl = Literal["auto", "einsum", "blocked", "cudnn", "splash"]
 EPImpl = Literal["gspmd", "shard_map"]
 GmmImpl = Literal["auto", "ragged_dot", "blocked"]
 EPExchange = Literal["auto", "ragged", "padded"]
@@ -284,6 +285,14 @@ class TextConfig:
   # the keys up to its last query: (n + 1) / 2n of the full L x L work, same result.
   # 1 computes the full score matrix under the mask.
   attention_causal_blocks: int = 4
+  # Causal self-attention kernel (moe_vlm.models.attention): "auto" = Pallas splash on
+  # TPU, cuDNN flash attention on GPU, on CPU the blocked kernel for packed rows and the
+  # einsum path otherwise; or one of "einsum", "blocked", "cudnn", "splash". Decoding
+  # with a KV cache always runs the einsum path.
+  attention_impl: AttentionImpl = "auto"
+  # Query/key block of the "blocked" kernel: a packed row costs about the work of the
+  # blocks its segments touch, so smaller blocks skip more (64 was fastest on a CPU).
+  attention_block_size: int = 64
 
   @property
   def dim_per_head(self) -> int:
@@ -303,6 +312,12 @@ class TextConfig:
           f"text.num_heads={self.num_heads}; set text.head_dim")
     if self.attention_causal_blocks < 1:
       raise ConfigError(f"text.attention_causal_blocks={self.attention_causal_blocks}: "
+                        "expected an integer >= 1")
+    if self.attention_impl not in ("auto", "einsum", "blocked", "cudnn", "splash"):
+      raise ConfigError(f"text.attention_impl={self.attention_impl!r}: expected one of "
+                        "auto, einsum, blocked, cudnn, splash")
+    if self.attention_block_size < 1:
+      raise ConfigError(f"text.attention_block_size={self.attention_block_size}: "
                         "expected an integer >= 1")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(

@@ -16,6 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# The attention math lives in `attention` (one interface for every backend); these names
+# stay importable from here.
+from moe_vlm.models.attention import (SelfMask, causal_blocks_bounds,  # noqa: F401
+                                      causal_pairs, causal_self_attention,
+                                      dot_product_attention)
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -218,12 +224,14 @@ class Attention(nnx.Module):
 
   def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                qkv_bias: bool, o_bias: bool, rngs: nnx.Rngs, dtype: str = "float32",
-               param_dtype: str = "float32", causal_blocks: int = 1):
-    """`causal_blocks` > 1: the masks this layer gets without a cache are causal, and
-    `dot_product_attention` may skip their upper triangle in that many query blocks."""
+               param_dtype: str = "float32", causal_blocks: int = 1, impl: str = "einsum",
+               block_size: int = 64):
+    """`causal_blocks` > 1: the einsum path may skip the upper triangle of a causal mask
+    in that many query blocks. `impl` / `block_size`: how causal self-attention runs
+    (`attention.causal_self_attention`; a dense mask always takes the einsum path)."""
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.causal_blocks = causal_blocks
+    self.causal_blocks, self.impl, self.block_size = causal_blocks, impl, block_size
     self.query = Dense(hidden, num_heads * head_dim, axes=("embed", "heads"),
                        use_bias=qkv_bias, **kw)
     self.key = Dense(hidden, num_kv_heads * head_dim, axes=("embed", "kv_heads"),
@@ -233,12 +241,14 @@ class Attention(nnx.Module):
     self.out = Dense(num_heads * head_dim, hidden, axes=("heads", "embed"),
                      use_bias=o_bias, **kw)
 
-  def __call__(self, x: Array, mask: Optional[Array],
+  def __call__(self, x: Array, mask: Optional[Array | SelfMask],
                rope: Optional[tuple[Array, Array]] = None,
                cache: Optional[LayerCache] = None, *,
                lora: Optional[Callable[[str, Array], Array]] = None
                ) -> Array | tuple[Array, LayerCache]:
-    """x [B, L, D]; mask [B, L, L] bool (True = may attend) or None for full attention.
+    """x [B, L, D]; mask: a `SelfMask` (causal self-attention, within segments when the
+    row is packed), a dense [B, L, L] bool mask (True = may attend), or None for full
+    attention.
 
     With a `cache` (decoding), the L new keys/values are written at slots
     `index ..` of this layer, the queries attend over all T cache slots (mask
@@ -254,70 +264,19 @@ class Attention(nnx.Module):
     if cache is not None:
       cache = cache.write(k, v)
       k, v = cache.keys, cache.values
-    # With a cache the queries sit at slots index.. of T: not the square causal mask.
-    blocks = self.causal_blocks if cache is None else 1
-    ctx = dot_product_attention(q, k, v, mask, causal_blocks=blocks)
+    if isinstance(mask, SelfMask):
+      if cache is not None:
+        raise ValueError("a KV cache needs a dense mask over its slots, not a SelfMask")
+      ctx = causal_self_attention(q, k, v, mask, impl=self.impl,
+                                  causal_blocks=self.causal_blocks, block_size=self.block_size)
+    else:  # a dense mask or none; with a cache the queries sit at slots index.. of T
+      blocks = self.causal_blocks if cache is None else 1
+      ctx = dot_product_attention(q, k, v, mask, causal_blocks=blocks)
     ctx = ctx.reshape(b, l, self.num_heads * self.head_dim)
     out = self.out(ctx)
     if lora is not None:  # LoRA experts on the output projection (Awaker2.5-VL)
       out = out + lora("out", ctx).astype(out.dtype)
     return out if cache is None else (out, cache)
-
-
-def causal_blocks_bounds(length: int, causal_blocks: int) -> list[tuple[int, int]]:
-  """[start, end) of each query block; block [start, end) attends keys [0, end)."""
-  size = -(-length // max(causal_blocks, 1))
-  return [(start, min(start + size, length)) for start in range(0, length, size)]
-
-
-def causal_pairs(length: int, causal_blocks: int) -> int:
-  """Query-key pairs `dot_product_attention` computes for causal self-attention over
-  `length` tokens in `causal_blocks` blocks (length^2 at 1 block): FLOP accounting."""
-  return sum((end - start) * end for start, end in causal_blocks_bounds(length, causal_blocks))
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *,
-                          causal_blocks: int = 1) -> Array:
-  """softmax(q k^T / sqrt(d)) v with grouped kv heads; softmax in fp32.
-
-  q [B, Lq, H, D], k/v [B, Lk, KV, D], mask [B, Lq, Lk] -> [B, Lq, H, D].
-
-  `causal_blocks` > 1 promises that `mask` is causal (query i sees no key j > i, so
-  Lq == Lk: self-attention without a cache): the queries are then split into that
-  many blocks and block n attends only keys up to its last query. The keys it skips
-  are masked for all its queries, so every query that may attend some key gets the
-  same result, while the masked upper triangle is mostly not computed: (n + 1) / 2n of
-  the score and value FLOPs, forward and backward (62.5% at 4 blocks). (A query with
-  no visible key at all, a left-padding row, averages the values it is given either
-  way; nothing reads it.)
-  """
-  b, lq, h, d = q.shape
-  lk, kv = k.shape[1], k.shape[2]
-  g = h // kv
-  if causal_blocks > 1 and (lq != lk or mask is None):
-    raise ValueError(f"causal_blocks={causal_blocks} needs causal self-attention (a mask "
-                     f"and Lq == Lk), got Lq={lq}, Lk={lk}, mask={mask is not None}")
-  # Batch axes (B, KV) first and the contracted axis last: the layout XLA's dot
-  # kernels take as is. On the [B, L, H, D] layout XLA:CPU put a transpose around every
-  # dot and its gradient (fwd+bwd 1.5-2x slower at L=256, measured in isolation).
-  qt = q.reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, Lq, D]
-  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, Lk, D]
-  outs = []
-  for start, end in causal_blocks_bounds(lq, causal_blocks):
-    keys = end if causal_blocks > 1 else lk
-    qb = qt[:, :, :, start:end].reshape(b, kv, g * (end - start), d)
-    logits = jnp.einsum("bkqd,bksd->bkqs", qb, kt[:, :, :keys]).astype(jnp.float32)
-    logits = logits.reshape(b, kv, g, end - start, keys) * (d ** -0.5)
-    if mask is not None:
-      # A large finite negative keeps fully masked (padding) rows finite instead of NaN.
-      logits = jnp.where(mask[:, None, None, start:end, :keys], logits,
-                         jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    probs = probs.reshape(b, kv, g * (end - start), keys)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vt[:, :, :keys])
-    outs.append(out.reshape(b, kv, g, end - start, d))
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
 class MLP(nnx.Module):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_vlm.models.adapters import HyperExpert, LoRAMoE, masked_mean
+from moe_vlm.models.attention import SelfMask, causal_mask  # noqa: F401  (re-exported)
 from moe_vlm.models.config import TextConfig
 from moe_vlm.models.layers import (MLP, Attention, Dense, KVCache, LayerCache, Norm, param,
                                    rope_tables, token_matmul)
@@ -37,7 +38,8 @@ class DecoderBlock(nnx.Module):
                            param_dtype=cfg.param_dtype)
     self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head,
                           qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias,
-                          causal_blocks=cfg.attention_causal_blocks, **kw)
+                          causal_blocks=cfg.attention_causal_blocks,
+                          impl=cfg.attention_impl, block_size=cfg.attention_block_size, **kw)
     self.post_attn_norm = (None if cfg.parallel_residual else
                            Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, rngs=rngs,
                                 param_dtype=cfg.param_dtype))
@@ -93,7 +95,7 @@ class DecoderBlock(nnx.Module):
       y = y + self.language_expert(x, guides["language_expert"]).astype(y.dtype)
     return y, stats
 
-  def __call__(self, x: Array, mask: Array, rope: tuple[Array, Array],
+  def __call__(self, x: Array, mask: Array | SelfMask, rope: tuple[Array, Array],
                modality: Optional[Array] = None, *, train: bool = False,
                dispatch: Optional[str] = None, cache: Optional[LayerCache] = None,
                rng: Optional[Array] = None, guides: Optional[dict[str, Array]] = None
@@ -114,13 +116,6 @@ class DecoderBlock(nnx.Module):
       ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch, rng, guides)
       x = x + ffn
     return (x, stats) if cache is None else (x, stats, cache)
-
-
-def causal_mask(attention_mask: Array) -> Array:
-  """[B, L] validity -> [B, L, L] bool: causal and only onto valid keys."""
-  l = attention_mask.shape[-1]
-  causal = jnp.tril(jnp.ones((l, l), dtype=bool))
-  return causal[None] & attention_mask[:, None, :].astype(bool)
 
 
 def cached_causal_mask(attention_mask: Array, index: Array, length: int) -> Array:
@@ -230,7 +225,7 @@ class DecoderLM(nnx.Module):
       num_positions = attention_mask.shape[1]
       if cache is not None:
         positions = jax.lax.dynamic_slice_in_dim(positions, cache.index, l, axis=1)
-    mask = (causal_mask(attention_mask) if cache is None else
+    mask = (SelfMask(attention_mask=attention_mask) if cache is None else
             cached_causal_mask(attention_mask, cache.index, l))
     rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta, num_positions)
     wanted = self.cfg.guides()
