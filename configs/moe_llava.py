@@ -15,6 +15,9 @@ from the LLM directory. Stage settings are the paper's (MoE-LLaVA Phi-2 scripts)
 | 2     | projector + LLM       | LA-tune, LRV, LVIS, SViT, NLP      | 128   | 2e-5 |
 | 3     | experts + routers     | LLaVA-mix-665k + NLP               | 128   | 2e-5 |
 1 epoch each, warmup 3%, cosine, no weight decay, max length 2048, bf16, remat.
+Rows are packed (`data.packing="first_fit"`): several samples per 2048-token row, each
+attending only to itself, instead of every sample padded to 2048 (a stage-1 sample is
+576 image tokens and a caption). The reference pads each batch to its longest sample.
 MoE: 4 experts, top-2, every other layer, capacity 1.5 (eval 2.0), aux coef 0.01.
 The data file names are the MoE-LLaVA release's; override `stages.stageK.data`.
 """
@@ -67,7 +70,8 @@ def get_config(variant: str = "phi2"):
           hf_llm="/ckpt/" + {"stablelm": "stablelm-2-1_6b", "qwen": "Qwen1.5-1.8B",
                              "phi2": "phi-2", "phi2_siglip": "phi-2"}[variant]),
       data=dict(kind="llava_json", dir="/data/moe-llava", max_length=2048,
-                normalization=norm, worker_count=16, max_bad_fraction=0.01),
+                packing="first_fit", normalization=norm, worker_count=16,
+                max_bad_fraction=0.01),
       mesh=dict(data=-1, fsdp=1, model=1, expert=1),
       stages=dict(
           stage1=stage("projector", "train_json/llava_image_.json", "plain", batch_size=256,

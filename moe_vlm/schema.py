@@ -143,6 +143,16 @@ class DataSettings:
   image_size: int = 32
   grid: int = 2
   max_length: int = 2048
+  # How samples fill rows (moe_vlm/data/packing.py): "none" = one sample per row padded
+  # to max_length; "first_fit" = several samples per row (segment ids: attention,
+  # positions, images and per-sample guides stay per sample), padding only at row ends;
+  # "length_buckets" = one sample per row, each batch padded to the smallest of 4
+  # lengths (max_length x i / 4) holding its longest sample, samples grouped by length
+  # (the fallback where packing cannot apply).
+  packing: Literal["none", "first_fit", "length_buckets"] = "none"
+  # first_fit: image slots per row (the vision tower encodes all of them; unused slots
+  # are zeros); 0 = max_length // (image tokens + 1), what a row can hold.
+  images_per_row: int = 0
   normalization: Literal["clip", "siglip"] = "clip"
   add_bos: bool = False
   worker_count: int = 0
@@ -151,7 +161,7 @@ class DataSettings:
   pope_file: str = ""
 
   def validate(self) -> None:
-    _at_least("data", self, max_length=2, worker_count=0)
+    _at_least("data", self, max_length=2, worker_count=0, images_per_row=0)
     if self.kind == "synthetic":
       _at_least("data", self, num_images=0, num_eval_images=1, image_size=8)
       if self.grid not in (2, 3):

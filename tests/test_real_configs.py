@@ -82,8 +82,10 @@ def test_phi2_variant_loads_hf_checkpoints_and_trains(checkpoints, tmp_path):
   assert exp.has_final(1) and exp.has_final(2) and not exp.has_final(3)
   lines = [json.loads(l) for l in open(tmp_path / "stage2" / "metrics.jsonl")]
   assert len(lines) == 2 and all(np.isfinite(l["loss"]) for l in lines)
-  # Stage 2 read both files of its comma-separated list.
-  assert json.load(open(tmp_path / "stage2" / "bad_samples.json"))["samples"] == 16
+  # Stage 2 read both files of its comma-separated list. The variant packs its rows
+  # (data.packing="first_fit"): 2 steps of 8 rows hold more than 16 samples.
+  summary = json.load(open(tmp_path / "stage2" / "bad_samples.json"))
+  assert summary["samples"] > 16 and not summary["bad"], summary
 
 
 def test_image_token_is_added_in_a_spare_embedding_row(tmp_path):

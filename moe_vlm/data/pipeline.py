@@ -21,6 +21,14 @@ Bad samples never raise: they flow through as rows with ok=0, every mask zero, p
 ids and zero pixels, so they contribute nothing to the loss and their counts survive
 multiprocess workers (`summarize_bad`). A row whose attention_mask is all zeros must
 therefore not produce NaNs in attention (use a finite mask value).
+
+Packed batches (`data.packing="first_fit"`, `moe_vlm.data.packing`): several samples per
+row, plus
+  segment_ids     int32 [B, L]  1, 2, ... per sample in the row, 0 on padding
+and pixel_values [B, M, S, S, 3] (M image slots per row, `has_image` [B, M]); the
+per-sample fields (ok, truncated, bad_reason, sample_id, image, bad_detail) are
+[B, max_segments], bad_reason -1 in unused slots. With "length_buckets" the contract is
+the unpacked one, L being the batch's bucket length.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import grain
 import numpy as np
 
 from moe_vlm.data import images as images_lib
+from moe_vlm.data import packing as packing_lib
 from moe_vlm.data import templates
 
 OK, MISSING_IMAGE, UNREADABLE_IMAGE, MALFORMED_CONVERSATION, IMAGE_TRUNCATED = range(5)
@@ -87,6 +96,43 @@ def _bad(record: Mapping[str, Any], config: PreprocessConfig, pad: int, reason: 
   }
 
 
+def _conversations(record: Mapping[str, Any]) -> tuple[Optional[list], str]:
+  """The record's validated conversations, or (None, what is wrong)."""
+  conversations = record.get("conversations")
+  if record.get("error") is not None or conversations is None:
+    return None, str(record.get("error") or "no conversations")
+  try:
+    return templates.validate_conversations(conversations), ""
+  except templates.ConversationError as e:
+    return None, str(e)
+
+
+def _tokenize(conversations: Any, tokenizer: Any,
+              config: PreprocessConfig) -> templates.EncodedSample:
+  return templates.tokenize_conversation(
+      conversations, tokenizer, config.template, num_image_tokens=config.num_image_tokens,
+      image_token_id=config.image_token_id, max_length=config.max_length,
+      add_bos=config.add_bos)
+
+
+def text_length(record: Mapping[str, Any], tokenizer: Any,
+                config: PreprocessConfig) -> tuple[int, bool]:
+  """(tokens, has image) of what `preprocess` makes of `record`, without opening its
+  image: (0, False) for a record it rejects for its text (the packer's lengths)."""
+  conversations, _ = _conversations(record)
+  if conversations is None:
+    return 0, False
+  if record.get("image") is not None:
+    conversations = templates.ensure_image_placeholder(conversations)
+  elif templates.has_image_placeholder(conversations):
+    return 0, False
+  try:
+    enc = _tokenize(conversations, tokenizer, config)
+  except (templates.ImageTruncatedError, templates.ConversationError):
+    return 0, False
+  return int(enc.num_tokens), enc.num_image_tokens > 0
+
+
 def preprocess(record: Mapping[str, Any], tokenizer: Any,
                config: PreprocessConfig) -> dict[str, np.ndarray]:
   """One record ({"image", "conversations", ...}) -> one example of the batch contract.
@@ -96,13 +142,9 @@ def preprocess(record: Mapping[str, Any], tokenizer: Any,
   """
   pad = templates.pad_id(tokenizer)
   bad = lambda reason, detail="": _bad(record, config, pad, reason, detail)
-  conversations = record.get("conversations")
-  if record.get("error") is not None or conversations is None:
-    return bad(MALFORMED_CONVERSATION, str(record.get("error") or "no conversations"))
-  try:
-    conversations = templates.validate_conversations(conversations)
-  except templates.ConversationError as e:
-    return bad(MALFORMED_CONVERSATION, str(e))
+  conversations, problem = _conversations(record)
+  if conversations is None:
+    return bad(MALFORMED_CONVERSATION, problem)
 
   image = record.get("image")
   if image is not None:
@@ -123,10 +165,7 @@ def preprocess(record: Mapping[str, Any], tokenizer: Any,
     pixels = np.zeros((config.image_size, config.image_size, 3), np.float32)
 
   try:
-    enc = templates.tokenize_conversation(
-        conversations, tokenizer, config.template, num_image_tokens=config.num_image_tokens,
-        image_token_id=config.image_token_id, max_length=config.max_length,
-        add_bos=config.add_bos)
+    enc = _tokenize(conversations, tokenizer, config)
   except templates.ImageTruncatedError as e:
     return bad(IMAGE_TRUNCATED, str(e))
   except templates.ConversationError as e:
@@ -155,11 +194,50 @@ class Preprocess(grain.transforms.Map):
   def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return preprocess(element, self.tokenizer, self.config)
 
+  def __call__(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return self.map(element)
+
+  def length(self, element: Mapping[str, Any]) -> tuple[int, bool]:
+    """`text_length` of the record: its tokens and whether it holds an image."""
+    return text_length(element, self.tokenizer, self.config)
+
+  @property
+  def pad_id(self) -> int:
+    return templates.pad_id(self.tokenizer)
+
 
 def summarize_bad(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
   """{reason name: count} over a batch (or over concatenated batches), all reasons."""
   codes = np.asarray(batch["bad_reason"]).reshape(-1)
   return {name: int(np.sum(codes == code)) for code, name in enumerate(BAD_REASONS)}
+
+
+def num_samples(batch: Mapping[str, np.ndarray]) -> int:
+  """Samples in a batch: one per row, or those of packed rows (`bad_reason` -1 marks an
+  unused slot)."""
+  return int(np.sum(np.asarray(batch["bad_reason"]) >= 0))
+
+
+def bad_samples(batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+  """(id, image, reason code, detail) of every bad sample in a batch (packed or not)."""
+  flat = lambda k: np.asarray(batch[k]).reshape(-1)
+  codes, ok = flat("bad_reason"), flat("ok")
+  return [{"id": str(flat("sample_id")[i]), "image": str(flat("image")[i]),
+           "reason": int(codes[i]), "detail": str(flat("bad_detail")[i])}
+          for i in np.flatnonzero((ok == 0) & (codes >= 0))]
+
+
+def make_plan(source: Any, transform: Preprocess, packing: packing_lib.PackingConfig, *,
+              batch_size: int, seed: int, shuffle: bool = True,
+              num_epochs: Optional[int] = None) -> packing_lib.Plan:
+  """The packing (or length-bucket) plan of `source` for `make_pipeline(plan=...)`: the
+  lengths of all its samples (text only), then rows per epoch (`packing.Plan`)."""
+  if packing.max_length != transform.config.max_length:
+    raise ValueError(f"packing max_length={packing.max_length} differs from the "
+                     f"preprocessing's {transform.config.max_length}")
+  lengths, images = packing_lib.sample_lengths(source, transform.length)
+  return packing_lib.Plan(lengths, images, packing, seed=seed, shuffle=shuffle,
+                          num_epochs=num_epochs, batch_size=batch_size)
 
 
 class _BatchRows(grain.MapDataset):
@@ -202,7 +280,8 @@ def make_pipeline(source: Any, transform: Optional[Callable[[Any], Any]], *,
                   batch_size: int, seed: int, shuffle: bool = True,
                   num_epochs: Optional[int] = None, rows: Optional[Sequence[int]] = None,
                   worker_count: int = 0, worker_buffer_size: int = 2,
-                  read_threads: int = 8, read_buffer_size: int = 64) -> grain.IterDataset:
+                  read_threads: int = 8, read_buffer_size: int = 64,
+                  plan: Optional[packing_lib.Plan] = None) -> grain.IterDataset:
   """Source -> shuffle -> repeat -> global batches -> this process's rows [-> workers].
 
   `batch_size` is the GLOBAL batch: global batch t is the same samples whatever the
@@ -216,6 +295,11 @@ def make_pipeline(source: Any, transform: Optional[Callable[[Any], Any]], *,
   batches are prepared in that many spawned worker processes (the order stays the
   same): the transform and source must pickle, and the main script must be import-safe
   (`if __name__ == "__main__":`).
+
+  With a `plan` (`make_plan`: packed rows or length buckets) the rows are the plan's:
+  row r holds the samples the plan gives it (its shuffle, epochs and seed are the
+  plan's), and global batch t is rows [t * batch_size, (t + 1) * batch_size); the rest
+  is as above (a process reads only its rows' samples, and resumes exactly).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -224,14 +308,22 @@ def make_pipeline(source: Any, transform: Optional[Callable[[Any], Any]], *,
   rows = tuple(range(batch_size)) if rows is None else tuple(rows)
   if not rows or any(not 0 <= r < batch_size for r in rows):
     raise ValueError(f"rows {rows} must be a non-empty subset of range({batch_size})")
-  ds = grain.MapDataset.source(source)
-  if len(ds) == 0:
-    raise ValueError(f"data source {source!r} is empty")
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
-  if transform is not None:
-    ds = ds.map(transform)
+  if plan is not None:
+    if transform is None:
+      raise ValueError("a packing plan needs the preprocessing transform")
+    if plan.cfg.mode == "length_buckets" and plan.batch_size != batch_size:
+      raise ValueError(f"the length-bucket plan has batches of {plan.batch_size}, the "
+                       f"pipeline {batch_size}")
+    ds = packing_lib.PlannedRows(source, transform, plan, transform.pad_id)
+  else:
+    ds = grain.MapDataset.source(source)
+    if len(ds) == 0:
+      raise ValueError(f"data source {source!r} is empty")
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    if transform is not None:
+      ds = ds.map(transform)
   ds = _BatchRows(ds, batch_size, rows).to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
   if worker_count > 0:

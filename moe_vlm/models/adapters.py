@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_vlm.models.attention import segment_cumsum
 from moe_vlm.models.config import HyperExpertConfig, LoRAMoEConfig
 from moe_vlm.models.layers import Dense, param, torch_linear_init
 
@@ -29,11 +30,15 @@ def masked_mean(x: Array, mask: Array) -> Array:
   return jnp.sum(x.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
 
-def prompt_mask(attention_mask: Array, loss_mask: Array) -> Array:
-  """Valid tokens before each row's first target: the span guidance vectors read, so
-  that no answer token shapes the weights used to predict it."""
-  before = jnp.cumsum(loss_mask.astype(jnp.int32), axis=-1) == 0
-  return (attention_mask.astype(bool) & before).astype(jnp.int32)
+def prompt_mask(attention_mask: Array, loss_mask: Array,
+                segment_ids: Optional[Array] = None) -> Array:
+  """Valid tokens before each row's first target (with `segment_ids`, each segment's:
+  packed rows hold several samples): the span guidance vectors read, so that no answer
+  token shapes the weights used to predict it."""
+  loss = loss_mask.astype(jnp.int32)
+  seen = (jnp.cumsum(loss, axis=-1) if segment_ids is None else
+          segment_cumsum(loss, segment_ids))
+  return (attention_mask.astype(bool) & (seen == 0)).astype(jnp.int32)
 
 
 class HyperExpert(nnx.Module):
@@ -64,13 +69,33 @@ class HyperExpert(nnx.Module):
     self.dtype = jnp.dtype(dtype)
 
   def __call__(self, x: Array, guide: Array) -> Array:
-    """x [B, L, in], guide [B, G] -> [B, L, out]."""
+    """x [B, L, in], guide [B, G] (one per row) or [B, L, G] (one per token: a packed
+    row gives each token its sample's guide) -> [B, L, out]."""
     b = x.shape[0]
     h = self.hidden(jax.nn.silu(self.encoder(guide.astype(self.dtype))))
+    if guide.ndim == 3:
+      return self._per_token(x, h)
     w_down = self.gen_down(h).reshape(b, self.in_dim, 2 * self.r)
     w_up = self.gen_up(h).reshape(b, self.r, self.out_dim)
     gate, value = jnp.split(jnp.einsum("bli,bir->blr", x.astype(self.dtype), w_down), 2, -1)
     return jnp.einsum("blr,bro->blo", jax.nn.silu(gate) * value, w_up)
+
+  def _per_token(self, x: Array, h: Array) -> Array:
+    """The adapter with weights generated from a per-token code h [B, L, e], without
+    materialising per-token weights: W_d and W_u are affine in h, so
+    x W_d(h) = sum_j h_j (x G_j) + x B and likewise for W_u (G, B: the generators'
+    kernel and bias). Costs e x the per-row adapter's multiply-adds; same function."""
+    e, r, din, dout = h.shape[-1], self.r, self.in_dim, self.out_dim
+    w = lambda p: p[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    g_down = w(self.gen_down.kernel).reshape(e, din, 2 * r)
+    down = jnp.einsum("ble,bler->blr", h, jnp.einsum("bli,eir->bler", x, g_down))
+    down = down + x @ w(self.gen_down.bias).reshape(din, 2 * r)
+    gate, value = jnp.split(down, 2, -1)
+    a = jax.nn.silu(gate) * value                                    # [B, L, r]
+    outer = (h[..., :, None] * a[..., None, :]).reshape(*a.shape[:2], e * r)
+    return outer @ w(self.gen_up.kernel).reshape(e * r, dout) + a @ w(
+        self.gen_up.bias).reshape(r, dout)
 
 
 class LoRAMoE(nnx.Module):
@@ -104,14 +129,22 @@ class LoRAMoE(nnx.Module):
         setattr(self, f"{name}_shared_b", param(rngs, zeros, (r, dout), (None, aout),
                                                 param_dtype))
 
-  def route(self, u: Array, *, train: bool = False,
-            rng: Optional[Array] = None) -> tuple[Array, Optional[Array]]:
+  def route(self, u: Array, *, train: bool = False, rng: Optional[Array] = None,
+            noise_index: Optional[Array] = None) -> tuple[Array, Optional[Array]]:
     """Router input u [..., R] -> expert weights [..., E] (top-k softmax values, zero
-    elsewhere; not renormalised) and the shared expert's weight 1 - sum(top-k) [..., 1]."""
+    elsewhere; not renormalised) and the shared expert's weight 1 - sum(top-k) [..., 1].
+    `noise_index` [B, L] (u [B, L, R]): tokens with the same index in a row draw the
+    same training noise (the samples of a packed row, each routed as one instance)."""
     cfg = self.cfg
     logits = jnp.dot(u.astype(jnp.float32), self.router[...]) / cfg.temperature
     if train and cfg.noise_std > 0 and rng is not None:
-      logits = logits + cfg.noise_std * jax.random.normal(rng, logits.shape, jnp.float32)
+      if noise_index is None:
+        noise = jax.random.normal(rng, logits.shape, jnp.float32)
+      else:
+        b, l, e = logits.shape
+        table = jax.random.normal(rng, (b, l + 1, e), jnp.float32)
+        noise = jnp.take_along_axis(table, jnp.clip(noise_index, 0, l)[..., None], axis=1)
+      logits = logits + cfg.noise_std * noise
     probs = jax.nn.softmax(logits, axis=-1)
     gates, idx = jax.lax.top_k(probs, cfg.top_k)
     weights = jnp.sum(jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32)

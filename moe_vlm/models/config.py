@@ -49,7 +49,13 @@ class MoEConfig:
   # Sequences per routing group for the capacity path: capacity is computed, and tokens
   # compete for it, within a group (DeepSpeed's group is one rank's micro-batch). None
   # makes the whole batch of the call one group. Either way the result does not depend
-  # on the mesh; the dropless path has no groups.
+  # on the mesh; the dropless path has no groups. Packed rows (`data.packing`) change
+  # what a group holds, not its size: a group is still group_size rows of L tokens
+  # (S = group_size x L, so the same slots per expert), but those tokens are nearly all
+  # real tokens of several samples instead of one sample and its padding, so more real
+  # tokens compete for the same slots (padding routes and takes slots too, as in
+  # DeepSpeed; the aux loss counts it as before). Per real token, capacity is thus
+  # lower than with padded rows.
   group_size: Optional[int] = None
   # Renormalise the kept top-k gate values to sum to one (MoE-LLaVA top-2 does).
   renormalize: bool = True

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_vlm.models import attention
 from moe_vlm.models.adapters import HyperExpert, LoRAMoE, masked_mean
 from moe_vlm.models.attention import SelfMask, causal_mask  # noqa: F401  (re-exported)
 from moe_vlm.models.config import TextConfig
@@ -69,9 +70,11 @@ class DecoderBlock(nnx.Module):
     self.lora_mlp, self.lora_attn = nnx.data(lora_mlp), nnx.data(lora_attn)
 
   def _lora(self, lora: Optional[LoRAMoE], guides: Optional[dict], train: bool,
-            rng: Optional[Array], salt: int):
+            rng: Optional[Array], salt: int, segment_ids: Optional[Array] = None):
     """The `lora(name, x)` hook of a projection group: routes on the group's first input
-    (per token) or on the instance guide, once, then adds the experts' outputs."""
+    (per token) or on the instance guide, once, then adds the experts' outputs. In a
+    packed row the instance guide is per token (its sample's), and so is the router
+    noise: one draw per segment (`segment_ids`)."""
     if lora is None:
       return None
     rng = None if rng is None else jax.random.fold_in(rng, salt)
@@ -79,18 +82,28 @@ class DecoderBlock(nnx.Module):
 
     def hook(name: str, x: Array) -> Array:
       if "w" not in routed:
-        u = x if lora.cfg.routing == "token" else guides["lora_router"][:, None, :]
-        routed["w"] = lora.route(u, train=train, rng=rng)
+        if lora.cfg.routing == "token":
+          routed["w"] = lora.route(x, train=train, rng=rng)
+        else:
+          g = guides["lora_router"]
+          u = g if g.ndim == 3 else g[:, None, :]
+          routed["w"] = lora.route(u, train=train, rng=rng,
+                                   noise_index=segment_ids if g.ndim == 3 else None)
       return lora.delta(name, x, *routed["w"])
     return hook
 
   def _ffn(self, x: Array, modality: Optional[Array], train: bool,
            dispatch: Optional[str], rng: Optional[Array],
-           guides: Optional[dict] = None) -> tuple[Array, Optional[dict]]:
+           guides: Optional[dict] = None,
+           segment_ids: Optional[Array] = None) -> tuple[Array, Optional[dict]]:
     if self.is_moe:
+      # Packed rows route like any other: every token of the routing group (padding
+      # included, as DeepSpeed) meets the router; see MoEConfig.group_size for what
+      # packing changes about capacity.
       y, stats = self.mlp(x, modality, train=train, dispatch=dispatch, rng=rng)
     else:
-      y, stats = self.mlp(x, self._lora(self.lora_mlp, guides, train, rng, 1)), None
+      y, stats = self.mlp(x, self._lora(self.lora_mlp, guides, train, rng, 1,
+                                        segment_ids)), None
     if self.language_expert is not None:
       y = y + self.language_expert(x, guides["language_expert"]).astype(y.dtype)
     return y, stats
@@ -103,17 +116,19 @@ class DecoderBlock(nnx.Module):
     """-> (x, stats), or (x, stats, updated cache) when given this layer's `cache`.
     `rng` feeds the routers' optional training noise; `guides` are the per-sample
     guidance vectors of the language expert and the LoRA instance router."""
+    segment_ids = mask.segment_ids if isinstance(mask, SelfMask) else None
     h = self.input_norm(x)
     attn = self.attn(h, mask, rope, cache, lora=self._lora(self.lora_attn, guides, train,
-                                                             rng, 2))
+                                                             rng, 2, segment_ids))
     if cache is not None:
       attn, cache = attn
     if self.parallel_residual:
-      ffn, stats = self._ffn(h, modality, train, dispatch, rng, guides)
+      ffn, stats = self._ffn(h, modality, train, dispatch, rng, guides, segment_ids)
       x = x + attn + ffn
     else:
       x = x + attn
-      ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch, rng, guides)
+      ffn, stats = self._ffn(self.post_attn_norm(x), modality, train, dispatch, rng, guides,
+                             segment_ids)
       x = x + ffn
     return (x, stats) if cache is None else (x, stats, cache)
 
@@ -198,6 +213,7 @@ class DecoderLM(nnx.Module):
                cache: Optional[KVCache] = None,
                rng: Optional[Array] = None,
                guide_mask: Optional[Array] = None,
+               segment_ids: Optional[Array] = None,
                return_hidden: bool = False
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns logits [B, L, V] (fp32) and `aux`: summed MoE losses + per-layer stats.
@@ -214,19 +230,32 @@ class DecoderLM(nnx.Module):
     Guidance vectors (`TextConfig.guides()`) are masked means over `guide_mask` [B, L]
     (the prompt span; default: every valid token of the call). With a cache they are
     computed by the call that starts at slot 0 (the prefill) and kept in the cache.
+
+    Packed rows (`segment_ids` [B, L]: 1, 2, ... per sample, 0 = padding; no cache):
+    attention stays inside each segment, positions restart at 0 in each segment (unless
+    `positions` are given), and guidance vectors are per segment (each token gets its
+    sample's).
     """
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     b, l, _ = x.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, l if cache is None else cache.length), jnp.int32)
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed rows) are for training-style calls without a "
+                       "KV cache")
     num_positions = None  # a static bound on the positions, when they are ours
     if positions is None:
-      positions = positions_from_mask(attention_mask)
+      positions = (positions_from_mask(attention_mask) if segment_ids is None else
+                   attention.positions_from_segments(segment_ids))
       num_positions = attention_mask.shape[1]
       if cache is not None:
         positions = jax.lax.dynamic_slice_in_dim(positions, cache.index, l, axis=1)
-    mask = (SelfMask(attention_mask=attention_mask) if cache is None else
-            cached_causal_mask(attention_mask, cache.index, l))
+    if cache is not None:
+      mask = cached_causal_mask(attention_mask, cache.index, l)
+    elif segment_ids is not None:
+      mask = SelfMask(segment_ids=segment_ids.astype(jnp.int32))
+    else:
+      mask = SelfMask(attention_mask=attention_mask)
     rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta, num_positions)
     wanted = self.cfg.guides()
     if guide_mask is None:
@@ -235,7 +264,8 @@ class DecoderLM(nnx.Module):
     guides: dict[str, Array] = {}
 
     def add_guide(name: str, h: Array) -> None:
-      g = masked_mean(h, guide_mask)
+      g = (masked_mean(h, guide_mask) if segment_ids is None else  # [B, D] or [B, L, D]
+           attention.segment_mean(h, guide_mask, segment_ids))
       if cache is not None and cache.guides and name in cache.guides:
         g = jnp.where(cache.index == 0, g, cache.guides[name])  # decode: the prompt's
       guides[name] = g

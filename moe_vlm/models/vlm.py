@@ -5,6 +5,12 @@ Prompts arrive with the `<image>` placeholder already expanded to
 does), so every shape is static under jit. Row b's image-token positions receive, in
 order, the projected features of `pixel_values[b]`; rows with no image tokens are
 text-only and ignore their (dummy) pixels.
+
+Packed rows (several samples per row, `segment_ids`) carry M image slots per row:
+`pixel_values` [B, M, H, W, C]; the row's image-token positions receive, in order, the
+features of slot 0, then slot 1, ..., so each sample's placeholders get its own image
+(the packer fills the slots in the order of the samples). Unused slots are zeros and
+nothing reads their features.
 """
 
 from __future__ import annotations
@@ -31,13 +37,20 @@ class ImageTokenError(ValueError):
 
 
 def check_image_tokens(input_ids: np.ndarray, image_token_id: int,
-                       tokens_per_image: int) -> None:
-  """Host-side check: each row holds 0 or exactly `tokens_per_image` image tokens.
+                       tokens_per_image: int, images_per_row: Optional[int] = None) -> None:
+  """Host-side check: each row holds 0 or exactly `tokens_per_image` image tokens
+  (packed rows, `images_per_row` slots: a whole number of images, at most that many).
 
   Runs on concrete arrays (data pipeline, eager calls); under jit it is skipped.
   """
   counts = np.sum(np.asarray(input_ids) == image_token_id, axis=-1)
   for row, n in enumerate(counts):
+    if images_per_row is not None:
+      if n % tokens_per_image or n > images_per_row * tokens_per_image:
+        raise ImageTokenError(
+            f"input_ids row {row} has {n} image tokens (id {image_token_id}); a packed row "
+            f"holds whole images of {tokens_per_image} tokens, at most {images_per_row}")
+      continue
     if n not in (0, tokens_per_image):
       raise ImageTokenError(
           f"input_ids row {row} has {n} image tokens (id {image_token_id}); expected 0 "
@@ -48,7 +61,8 @@ def check_image_tokens(input_ids: np.ndarray, image_token_id: int,
 def splice_image_features(embeds: Array, features: Array, is_image: Array) -> Array:
   """Writes features[b, j] into the j-th image position of row b.
 
-  embeds [B, L, D], features [B, P, D], is_image [B, L] -> [B, L, D].
+  embeds [B, L, D], features [B, P, D], is_image [B, L] -> [B, L, D]. (A packed row's
+  features are its slots' concatenated: [B, M * P, D].)
   """
   rank = jnp.clip(jnp.cumsum(is_image.astype(jnp.int32), axis=-1) - 1, 0, features.shape[1] - 1)
   gathered = jnp.take_along_axis(features.astype(embeds.dtype), rank[..., None], axis=1)
@@ -65,7 +79,12 @@ class VLM(nnx.Module):
 
   def image_features(self, pixel_values: Array) -> Array:
     """[B, H, W, C] -> projected image tokens [B, num_image_tokens, D_text] (for the
-    perceiver, its n_latents resampled tokens)."""
+    perceiver, its n_latents resampled tokens). Packed [B, M, H, W, C] ->
+    [B, M * num_image_tokens, D_text], slot after slot."""
+    if pixel_values.ndim == 5:
+      b, m = pixel_values.shape[:2]
+      feats = self.image_features(pixel_values.reshape((b * m,) + pixel_values.shape[2:]))
+      return feats.reshape(b, m * feats.shape[1], feats.shape[2])
     feats = self.vision.features(pixel_values, self.cfg.vision_feature_layer)
     if self.cfg.vision_feature_select_strategy == "default":
       feats = feats[:, 1:]
@@ -75,7 +94,7 @@ class VLM(nnx.Module):
                attention_mask: Optional[Array] = None, *, train: bool = False,
                dispatch: Optional[str] = None, cache: Optional[KVCache] = None,
                rng: Optional[Array] = None, guide_mask: Optional[Array] = None,
-               return_hidden: bool = False
+               segment_ids: Optional[Array] = None, return_hidden: bool = False
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns (logits [B, L, V] fp32, aux) - aux holds the summed MoE losses and the
     per-layer routing statistics split by modality (see `DecoderLM`). With
@@ -85,14 +104,21 @@ class VLM(nnx.Module):
     With a `cache` (KV-cache decoding): input_ids are the L tokens written at slots
     cache.index.., attention_mask is [B, T] over all cache slots, and the call returns
     (logits, aux, updated cache). `guide_mask` [B, L]: the prompt span that per-sample
-    guidance vectors average over (`adapters.prompt_mask`; training passes it)."""
+    guidance vectors average over (`adapters.prompt_mask`; training passes it).
+
+    Packed rows: `segment_ids` [B, L] (1, 2, ... per sample, 0 = padding) and
+    `pixel_values` [B, M, H, W, C] (see the module docstring); `attention_mask` is 1 on
+    every real token. Each sample sees only itself (`DecoderLM`)."""
     cfg = self.cfg
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape if cache is None else
                                 (input_ids.shape[0], cache.length), jnp.int32)
     is_image = input_ids == cfg.image_token_id
     if not isinstance(input_ids, jax.core.Tracer):
-      check_image_tokens(np.asarray(input_ids), cfg.image_token_id, cfg.num_image_tokens)
+      slots = (pixel_values.shape[1] if pixel_values is not None and pixel_values.ndim == 5
+               else None)
+      check_image_tokens(np.asarray(input_ids), cfg.image_token_id, cfg.num_image_tokens,
+                         slots)
     embeds = self.llm.embed_tokens(input_ids)
     if pixel_values is not None:
       embeds = splice_image_features(embeds, self.image_features(pixel_values), is_image)
@@ -103,4 +129,5 @@ class VLM(nnx.Module):
     modality = jnp.where(token_mask.astype(bool), jnp.where(is_image, IMAGE, TEXT), PAD)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, modality=modality,
                     train=train, dispatch=dispatch, cache=cache, rng=rng,
-                    guide_mask=guide_mask, return_hidden=return_hidden)
+                    guide_mask=guide_mask, segment_ids=segment_ids,
+                    return_hidden=return_hidden)

@@ -31,6 +31,7 @@ import numpy as np
 
 from moe_vlm import checkpoint as ckpt_lib
 from moe_vlm import schema
+from moe_vlm.data import packing as packing_lib
 from moe_vlm.data import pipeline as pipeline_lib
 from moe_vlm.data.llava import LlavaJsonSource
 from moe_vlm.experiment import Experiment, settings_of
@@ -121,6 +122,44 @@ def synthetic_source(c: ml_collections.ConfigDict | schema.ExperimentConfig,
       image_size=data.image_size, grid=data.grid, stream=synthetic.stream_of(s.data, k))
 
 
+def packing_config(data: schema.DataSettings,
+                   cfg: VLMConfig) -> Optional[packing_lib.PackingConfig]:
+  """`data.packing` as the pipeline's packing settings (None: one sample per row)."""
+  if data.packing == "none":
+    return None
+  slots = data.images_per_row or packing_lib.default_images_per_row(data.max_length,
+                                                                   cfg.num_image_tokens)
+  return packing_lib.PackingConfig(mode=data.packing, max_length=data.max_length,
+                                   images_per_row=slots)
+
+
+def stage_data(source, exp: Experiment, cfg: VLMConfig, s: schema.StageSettings, k: int,
+               mesh: jax.sharding.Mesh):
+  """(steps, this process's rows, its pipeline) of a stage: `s.steps`, or `s.epochs`
+  passes over the source in batches of rows (one sample each, or packed:
+  `data.packing`)."""
+  settings = exp.settings
+  transform = pipeline_lib.Preprocess(exp.tokenizer,
+                                      preprocess_config(settings.data, cfg, s.template))
+  packing = packing_config(settings.data, cfg)
+  plan = None
+  rows_per_epoch = len(source)
+  if packing is not None:
+    plan = pipeline_lib.make_plan(source, transform, packing, batch_size=s.batch_size,
+                                  seed=settings.seed + k)
+    rows_per_epoch = plan.rows_in_epoch(0)
+    log.info("stage %d: %s, %d samples in %d rows of %d tokens per epoch, padding %.1f%%",
+             k, settings.data.packing, len(source), rows_per_epoch, packing.max_length,
+             100 * plan.pad_fraction(0))
+  steps = s.steps or max(1, s.epochs * rows_per_epoch // s.batch_size)
+  # Global batch t is the same samples on any number of processes; each loads its rows.
+  rows = mesh_lib.process_rows(mesh, s.batch_size)
+  data = pipeline_lib.make_pipeline(source, transform, batch_size=s.batch_size, rows=rows,
+                                    seed=settings.seed + k,
+                                    worker_count=settings.data.worker_count, plan=plan)
+  return steps, rows, data
+
+
 def preprocess_config(data: schema.DataSettings, cfg: VLMConfig,
                       template: str) -> pipeline_lib.PreprocessConfig:
   return pipeline_lib.PreprocessConfig(
@@ -196,7 +235,7 @@ class Counters:
     from moe_vlm.distributed import gather_json, sum_over_processes
     reasons = pipeline_lib.BAD_REASONS
     by_reason = pipeline_lib.summarize_bad(batch)
-    local = [int(sigterm), int(batch["ok"].shape[0]), int(np.sum(batch["truncated"])),
+    local = [int(sigterm), pipeline_lib.num_samples(batch), int(np.sum(batch["truncated"])),
              int(np.sum(batch["attention_mask"]))] + [by_reason[r] for r in reasons]
     total = sum_over_processes(np.asarray(local, np.int64))
     self.samples += int(total[1])
@@ -208,10 +247,7 @@ class Counters:
         self.bad[reason] = self.bad.get(reason, 0) + int(n)
         new_bad += int(n)
     if new_bad and len(self.bad_records) < MAX_NAMED_BAD:
-      mine = [{"id": str(batch["sample_id"][i]), "image": str(batch["image"][i]),
-               "reason": reasons[int(batch["bad_reason"][i])],
-               "detail": str(batch["bad_detail"][i])}
-              for i in np.flatnonzero(batch["ok"] == 0)]
+      mine = [{**r, "reason": reasons[r["reason"]]} for r in pipeline_lib.bad_samples(batch)]
       for records in gather_json(mine):
         self.bad_records.extend(records[:MAX_NAMED_BAD - len(self.bad_records)])
     return bool(total[0])
@@ -369,7 +405,7 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
   source = (synthetic_source(settings, s, k) if settings.data.kind == "synthetic" else
             stage_source(settings, s.data, exp.data_dir, exp.image_root))
   check_source(source, settings.data.max_bad_fraction, f"stage {k} data ({s.data})")
-  steps = s.steps or max(1, s.epochs * len(source) // s.batch_size)
+  steps, rows, data = stage_data(source, exp, cfg, s, k, mesh)
   if (ckpts.latest_step() or 0) > steps:
     raise StageSettingsError(
         f"stage {k}: {exp.checkpoint_dir(k)} holds step {ckpts.latest_step()} but the stage "
@@ -379,13 +415,6 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
   step_cfg = step_config(settings.moe, s, steps)
   tx = step_lib.make_optimizer(step_cfg.optim)
   shardings = step_lib.state_shardings(codec, trainable, mesh, tx)
-  # Global batch t is the same samples on any number of processes; each loads its rows.
-  rows = mesh_lib.process_rows(mesh, s.batch_size)
-  data = pipeline_lib.make_pipeline(
-      source, pipeline_lib.Preprocess(exp.tokenizer,
-                                      preprocess_config(settings.data, cfg, s.template)),
-      batch_size=s.batch_size, rows=rows, seed=settings.seed + k,
-      worker_count=settings.data.worker_count)
   it = iter(data)
   counters = Counters()
   if ckpts.latest_step() is not None:
@@ -426,7 +455,7 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
         logged_bad = len(counters.bad_records)
         _check_bad(counters, settings.data.max_bad_fraction, f"stage {k}", bad_log)
         device_batch = {key: mesh_lib.assemble_batch(batch[key], rows, s.batch_size, mesh)
-                        for key in step_lib.MODEL_INPUTS}
+                        for key in step_lib.model_inputs(batch)}
         state, metrics = train_step(state, device_batch)
         if in_flight is not None:
           in_flight.block_until_ready()  # progress and tokens/s then measure real work

@@ -25,6 +25,14 @@ from moe_vlm.train.optim import OptimConfig, make_optimizer, schedule
 
 Batch = Mapping[str, jax.Array]
 MODEL_INPUTS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
+# Packed batches (`data.packing="first_fit"`) add the rows' segment ids [B, L] (1, 2, ...
+# per sample, 0 = padding), and their pixel_values are [B, M, H, W, C].
+PACKED_INPUTS = ("segment_ids",)
+
+
+def model_inputs(batch: Mapping[str, Any]) -> tuple[str, ...]:
+  """The keys of `batch` the train step reads."""
+  return MODEL_INPUTS + tuple(k for k in PACKED_INPUTS if k in batch)
 
 
 class TrainState(NamedTuple):
@@ -71,13 +79,18 @@ def split_params(params: Params, trainable: Callable[[str], bool]) -> tuple[Para
   return train, frozen
 
 
-def next_token_targets(input_ids: jax.Array,
-                       loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per position: the next token and its loss weight (1 where it is an answer token)."""
+def next_token_targets(input_ids: jax.Array, loss_mask: jax.Array,
+                       segment_ids: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """Per position: the next token and its loss weight (1 where it is an answer token).
+  With `segment_ids` (packed rows) the last token of a sample predicts nothing: the
+  next position belongs to another sample."""
   # The targets move left (the last position gets a dummy target of weight 0) instead
   # of the logits: slicing [B, L, V] logits copies them, and so does its gradient.
   shift = lambda a: jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
-  return shift(input_ids), shift(loss_mask).astype(jnp.float32)
+  w = shift(loss_mask).astype(jnp.float32)
+  if segment_ids is not None:
+    w = w * (shift(segment_ids) == segment_ids).astype(jnp.float32)
+  return shift(input_ids), w
 
 
 def weighted_ce(logits: jax.Array, targets: jax.Array, w: jax.Array) -> jax.Array:
@@ -85,10 +98,10 @@ def weighted_ce(logits: jax.Array, targets: jax.Array, w: jax.Array) -> jax.Arra
   return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * w)
 
 
-def token_loss(logits: jax.Array, input_ids: jax.Array,
-               loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+               segment_ids: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Sum of next-token CE over positions whose TARGET is an answer token, and their count."""
-  targets, w = next_token_targets(input_ids, loss_mask)
+  targets, w = next_token_targets(input_ids, loss_mask, segment_ids)
   return weighted_ce(logits, targets, w), jnp.sum(w)
 
 
@@ -132,7 +145,9 @@ def cond_grad_in_forward(pred: jax.Array, true_fn: Callable[..., jax.Array],
 
 def answer_loss(head_fn: Callable[[Any, jax.Array], jax.Array], head_params: Any,
                 hidden: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                capacity: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                capacity: Optional[int] = None,
+                segment_ids: Optional[jax.Array] = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`token_loss` of `head_fn(head_params, hidden)`, the head run only where a target is.
 
   The head (final norm, [D, V] projection, softmax over V) is per token, and only the
@@ -141,9 +156,9 @@ def answer_loss(head_fn: Callable[[Any, jax.Array], jax.Array], head_params: Any
   [B, capacity] first. A batch where some row has more targets takes the full head
   instead (a `lax.cond`: one program, the branch chosen on the device), so the loss and
   gradients never depend on the capacity. Returns (CE sum, target count, 1.0 if the
-  full head ran else 0.0).
+  full head ran else 0.0). `segment_ids`: packed rows (see `next_token_targets`).
   """
-  targets, w = next_token_targets(input_ids, loss_mask)
+  targets, w = next_token_targets(input_ids, loss_mask, segment_ids)
 
   full = lambda p, h: weighted_ce(head_fn(p, h), targets, w)
   if capacity is None or capacity >= hidden.shape[1]:
@@ -172,15 +187,18 @@ def make_loss_fn(codec: ParamCodec, cfg: StepConfig):
   def loss_fn(params: Params, frozen: Params, batch: Batch, num_targets: jax.Array,
               rng: jax.Array):
     model = codec.merge({**frozen, **params})
-    # Per-sample guidance (HyperLLaVA, Awaker instance routing) reads only the prompt.
-    guide = prompt_mask(batch["attention_mask"], batch["loss_mask"])
+    segment_ids = batch.get("segment_ids")
+    # Per-sample guidance (HyperLLaVA, Awaker instance routing) reads only the prompt
+    # (of each sample, in a packed row).
+    guide = prompt_mask(batch["attention_mask"], batch["loss_mask"], segment_ids)
     hidden, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                         train=True, dispatch=cfg.dispatch, rng=rng, guide_mask=guide,
-                        return_hidden=True)
+                        segment_ids=segment_ids, return_hidden=True)
     head_fn, head_params = model.llm.head_fn()
     ce_sum, n, head_full = answer_loss(head_fn, head_params, hidden, batch["input_ids"],
                                        batch["loss_mask"],
-                                       cfg.head_capacity(batch["input_ids"].shape[1]))
+                                       cfg.head_capacity(batch["input_ids"].shape[1]),
+                                       segment_ids)
     ce = ce_sum / jnp.maximum(num_targets, 1.0)
     total = ce + cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
     metrics = {"ce_sum": ce_sum, "targets": n, "aux_loss": aux["aux_loss"],
@@ -198,8 +216,10 @@ def make_train_step(codec: ParamCodec, cfg: StepConfig,
   a = cfg.grad_accum
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    batch = {k: batch[k] for k in MODEL_INPUTS}
-    num_targets = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    batch = {k: batch[k] for k in model_inputs(batch)}
+    # The loss is normalised by the answer tokens of the whole (accumulated) batch.
+    num_targets = jnp.sum(next_token_targets(batch["input_ids"], batch["loss_mask"],
+                                             batch.get("segment_ids"))[1])
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if a == 1:
       grads, m = grad_fn(state.params, state.frozen, batch, num_targets, rng)
@@ -272,7 +292,8 @@ def init_state(params: Params, trainable: Callable[[str], bool],
 
 def batch_shardings(mesh: Mesh, batch: Batch,
                     rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES) -> dict[str, NamedSharding]:
-  return {k: mesh_lib.batch_sharding(mesh, jnp.ndim(batch[k]), rules) for k in MODEL_INPUTS}
+  return {k: mesh_lib.batch_sharding(mesh, jnp.ndim(batch[k]), rules)
+          for k in model_inputs(batch)}
 
 
 def jit_train_step(step_fn, mesh: Mesh, shardings: TrainState, example_batch: Batch,
