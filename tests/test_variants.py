@@ -5,7 +5,8 @@
 - KV-cache generation equals full recomputation (guides are cached at prefill);
 - each variant trains only what its stage should, with frozen params bit-identical,
   and round-trips through Orbax;
-- instance-routed LoRA experts fold into a dense model exactly.
+- instance-routed LoRA experts (routing on the router span) and stage I's single LoRA
+  fold into a dense model exactly.
 """
 
 import dataclasses
@@ -157,8 +158,9 @@ def test_cached_generation_equals_recomputation(name):
 TRAINING = [
     ("hyper", "projector", lambda n: n.startswith("projector.")),
     ("hyper", "projector_llm", lambda n: n.startswith(("projector.", "llm."))),
-    ("lora_instance", "lora_experts", lambda n: ".lora_" in n),
-    ("lora_token", "lora_experts", lambda n: ".lora_" in n),
+    ("lora_instance", "lora_experts_routers", lambda n: ".lora_" in n),
+    ("lora_token", "lora_experts_routers", lambda n: ".lora_" in n),
+    ("lora_instance", "lora_experts", lambda n: ".lora_" in n and ".router" not in n),
 ]
 
 
@@ -181,9 +183,15 @@ def test_instance_routed_lora_folds_into_a_dense_model():
   batch = _batch(cfg)
   one = {k: v[:1] for k, v in batch.items()}
   guide_mask = prompt_mask(one["attention_mask"], one["loss_mask"])
+  # The router span (the first user turn's content): the image and what follows it,
+  # not the prompt's first token nor its last ones.
+  router_mask = jnp.zeros_like(guide_mask).at[:, 1:L - 7].set(1)
   want = model(one["input_ids"], one["pixel_values"], one["attention_mask"],
-               guide_mask=guide_mask)[0]
-  guide = instance_guide(model, one["input_ids"], one["pixel_values"], guide_mask)[0]
+               guide_mask=guide_mask, router_mask=router_mask)[0]
+  other = model(one["input_ids"], one["pixel_values"], one["attention_mask"],
+                guide_mask=guide_mask)[0]
+  assert np.abs(np.asarray(other) - np.asarray(want)).max() > 1e-4  # the span matters
+  guide = instance_guide(model, one["input_ids"], one["pixel_values"], router_mask)[0]
   dense = merge_lora_experts(model, guide)
   assert dense.cfg.text.lora_moe is None
   assert not [k for k in ParamCodec(dense).names if ".lora_" in k]
@@ -193,14 +201,25 @@ def test_instance_routed_lora_folds_into_a_dense_model():
   token = token_codec.merge(token_params)
   with pytest.raises(ConfigError, match="cannot be folded"):
     merge_lora_experts(token, guide)
+  # Awaker's stage I (one plain LoRA per projection) folds without a guide.
+  single_cfg = dataclasses.replace(cfg, text=dataclasses.replace(
+      cfg.text, lora_moe=dataclasses.replace(cfg.text.lora_moe, single=True)))
+  single = VLM(single_cfg, rngs=nnx.Rngs(0))
+  single = ParamCodec(single).merge(_randomized(ParamCodec(single).flatten(single)))
+  want = single(one["input_ids"], one["pixel_values"], one["attention_mask"])[0]
+  got = merge_lora_experts(single, None)(one["input_ids"], one["pixel_values"],
+                                         one["attention_mask"])[0]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("change,match", [
     (dict(visual_expert=HYPER, projector="linear"), "visual_expert needs"),
     (dict(text=dataclasses.replace(LLAMA, language_expert=HyperExpertConfig(layers=(0,)))),
      "language_expert.layers"),
-    (dict(text=dataclasses.replace(LLAMA, lora_moe=LoRAMoEConfig(targets=("qkv",)))),
+    (dict(text=dataclasses.replace(LLAMA, lora_moe=LoRAMoEConfig(targets=("lm_head",)))),
      "lora_moe.targets"),
+    (dict(text=dataclasses.replace(LLAMA, lora_moe=LoRAMoEConfig(dropout=1.0))),
+     "lora_moe.dropout"),
     (dict(text=dataclasses.replace(LLAMA, lora_moe=LoRAMoEConfig(top_k=5))), "top_k"),
 ])
 def test_bad_variant_configs_name_the_field(change, match):

@@ -197,37 +197,65 @@ class HyperExpertConfig:
                         "guidance computed before it)")
 
 
-LORA_TARGETS = ("mlp", "attn_out")
+LORA_TARGETS = ("qkv", "attn_out", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAMoEConfig:
-  """Awaker2.5-VL's parameter-efficient MoE (arXiv 2411.10669): on frozen base weights,
-  each target projection gets `num_experts` LoRA experts picked by a router plus one
-  always-on shared (global) LoRA expert:
+  """Awaker2.5-VL's parameter-efficient MoE (arXiv 2411.10669; the official layer is
+  `LoraLinear` in MetabrainAGI/Awaker's `peft/tuners/moe/layer.py`). On frozen base
+  weights:
 
-      y = W0 x + sum_{i in top-k} g_i E_i(x) + (1 - sum g_i) E_g(x),
-      g = softmax(router(u) / temperature + noise),  E(x) = (alpha / rank) B A x,
+  - "qkv": the attention's query/key/value projections get one plain LoRA each;
+  - "attn_out", "mlp": the attention output projection, and the MLP's gate/up/down
+    projections (one router shared by the three, as the official gate_proj hands its
+    gates to up_proj and down_proj), get `num_experts` routed LoRA experts plus one
+    always-on global (shared) LoRA expert:
 
-  which for top_k=1 is the paper's y = W0 x + G_max E_m(x) + (1 - G_max) E_g(x). The MLP's
-  gate/up/down projections share one router per layer; the attention output projection
-  has its own. `routing="token"` routes each token on its own input u; "instance" routes
-  a whole sample on the mean of its prompt's embedding-layer output (the same input for
-  every router, detached; the paper's choice). Gaussian router noise (std `noise_std`)
-  only in training. B starts at zero: a fresh model equals the frozen base.
+      y = W0 x + G_max E_m(x) + (1 - G_max) E_g(x),     E(x) = (alpha / rank) B A drop(x)
+      G = top_k(softmax((W_G RMSNorm(u) + b_G + noise) / temperature)),
+
+    G_max the largest kept gate (top_k=1: the paper's formula). Each router is its own
+    learnable RMSNorm (eps `norm_eps`) followed by a biased linear layer. The router
+    input u is the embedding-layer output with the image features spliced in, detached:
+    per token (`routing="token"`), or for the whole sample (`"instance"`, the release)
+    its mean over the router span, from the image start to the end of the first user
+    turn (`data.templates`' `router_mask`). Gaussian noise (std `noise_std`) only in
+    training; LoRA dropout `dropout` on every LoRA input, in training only.
+
+  `release_double_gate`: the released code scales the combined routed experts by their
+  gates and then again by G_max (G_max^2 E_m + (1 - G_max) E_g); the paper's formula
+  (False, the default) gates them once. True reproduces the released checkpoints.
+
+  `single`: Awaker's stage I, one plain LoRA on every target projection (no experts, no
+  routers). Set per stage by its preset (`lora_single`, `moe_vlm.train.stages`), never
+  in an experiment's `lora_moe` block; stage II starts every expert (and the global one)
+  as a copy of it. Defaults are the release's (r=256, alpha=512 = 2 x rank, dropout
+  0.05, 4 experts, top-1, noise 0.1, temperature 1). B starts at zero: a fresh LoRA
+  adds 0.
   """
 
   num_experts: int = 4
   top_k: int = 1
-  rank: int = 8
-  alpha: float = 16.0
+  rank: int = 256
+  # LoRA scale alpha / rank; None: 2 x rank, the release's ratio (r=256, alpha=512), so
+  # that a smaller rank keeps the released scale of 2.
+  alpha: Optional[float] = None
+  dropout: float = 0.05
   targets: tuple[str, ...] = LORA_TARGETS
   routing: Literal["token", "instance"] = "instance"
   shared_expert: bool = True
   temperature: float = 1.0
   noise_std: float = 0.1
-  # Decoder layers that get LoRA experts; None = all.
+  norm_eps: float = 1e-6
+  release_double_gate: bool = False
+  single: bool = False
+  # Decoder layers that get LoRA; None = all.
   layers: Optional[tuple[int, ...]] = None
+
+  @property
+  def scale(self) -> float:
+    return (2.0 * self.rank if self.alpha is None else self.alpha) / self.rank
 
   def layer_indices(self, num_layers: int) -> tuple[int, ...]:
     return tuple(range(num_layers)) if self.layers is None else tuple(sorted(self.layers))
@@ -238,14 +266,19 @@ class LoRAMoEConfig:
                         f"got num_experts={self.num_experts}, top_k={self.top_k}")
     if self.rank < 1:
       raise ConfigError(f"lora_moe.rank={self.rank}: expected >= 1")
+    if self.alpha is not None and not self.alpha > 0:
+      raise ConfigError(f"lora_moe.alpha={self.alpha}: expected > 0 (or None: 2 x rank)")
+    if not 0 <= self.dropout < 1:
+      raise ConfigError(f"lora_moe.dropout={self.dropout}: expected 0 <= dropout < 1")
     bad = [t for t in self.targets if t not in LORA_TARGETS]
-    if bad or not self.targets:
+    if bad or not self.targets or len(set(self.targets)) != len(self.targets):
       raise ConfigError(f"lora_moe.targets={list(self.targets)}: expected a non-empty subset "
                         f"of {list(LORA_TARGETS)}")
     if self.routing not in ("token", "instance"):
       raise ConfigError(f"lora_moe.routing={self.routing!r}: expected 'token' or 'instance'")
-    if self.temperature <= 0 or self.noise_std < 0:
-      raise ConfigError("lora_moe.temperature must be > 0 and lora_moe.noise_std >= 0")
+    if self.temperature <= 0 or self.noise_std < 0 or self.norm_eps <= 0:
+      raise ConfigError("lora_moe.temperature and lora_moe.norm_eps must be > 0 and "
+                        "lora_moe.noise_std >= 0")
     out = [i for i in self.layer_indices(num_layers) if not 0 <= i < num_layers]
     if out:
       raise ConfigError(f"lora_moe.layers: {out} out of range for {num_layers} layers")
@@ -351,7 +384,8 @@ class TextConfig:
     out = []
     if self.language_expert is not None:
       out.append("language_expert")
-    if self.lora_moe is not None and self.lora_moe.routing == "instance":
+    lm = self.lora_moe
+    if lm is not None and not lm.single and lm.routing == "instance":
       out.append("lora_router")
     return tuple(out)
 

@@ -253,12 +253,19 @@ class Attention(nnx.Module):
     With a `cache` (decoding), the L new keys/values are written at slots
     `index ..` of this layer, the queries attend over all T cache slots (mask
     [B, L, T]), and the call returns (out, updated cache). `lora(name, x)` adds an
-    adapter's output to projection `name` ("out") for its input x.
+    adapter's output to projection `name` ("query", "key", "value", "out") for its
+    input x, or returns None for a projection it has no adapter on.
     """
     b, l, _ = x.shape
-    q = self.query(x).reshape(b, l, self.num_heads, self.head_dim)
-    k = self.key(x).reshape(b, l, self.num_kv_heads, self.head_dim)
-    v = self.value(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+
+    def proj(name: str, x: Array) -> Array:
+      y = getattr(self, name)(x)
+      d = None if lora is None else lora(name, x)  # LoRA (Awaker2.5-VL)
+      return y if d is None else y + d.astype(y.dtype)
+
+    q = proj("query", x).reshape(b, l, self.num_heads, self.head_dim)
+    k = proj("key", x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    v = proj("value", x).reshape(b, l, self.num_kv_heads, self.head_dim)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if cache is not None:
@@ -273,9 +280,7 @@ class Attention(nnx.Module):
       blocks = self.causal_blocks if cache is None else 1
       ctx = dot_product_attention(q, k, v, mask, causal_blocks=blocks)
     ctx = ctx.reshape(b, l, self.num_heads * self.head_dim)
-    out = self.out(ctx)
-    if lora is not None:  # LoRA experts on the output projection (Awaker2.5-VL)
-      out = out + lora("out", ctx).astype(out.dtype)
+    out = proj("out", ctx)
     return out if cache is None else (out, cache)
 
 

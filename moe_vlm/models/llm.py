@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_vlm.models import attention
-from moe_vlm.models.adapters import HyperExpert, LoRAMoE, masked_mean
+from moe_vlm.models.adapters import HyperExpert, LoRA, LoRAMoE, masked_mean
 from moe_vlm.models.attention import SelfMask, causal_mask  # noqa: F401  (re-exported)
 from moe_vlm.models.config import TextConfig
 from moe_vlm.models.layers import (MLP, Attention, Dense, KVCache, LayerCache, Norm, param,
@@ -55,41 +55,67 @@ class DecoderBlock(nnx.Module):
     self.language_expert = (
         HyperExpert(cfg.language_expert, d, d, d, axes=("embed", "embed"), **kw)
         if use_language_expert else None)
-    # Awaker2.5-VL: LoRA experts on the frozen MLP projections (one router) and on the
-    # attention output projection (its own router).
+    # Awaker2.5-VL (LoRAMoEConfig): one plain LoRA each on the frozen q/k/v; on the
+    # attention output and on the MLP's projections routed LoRA experts (a router per
+    # group: the MLP's projections share one, as the release's gate_proj hands its gates
+    # to up_proj and down_proj) or, in stage I (`single`), one plain LoRA each.
     lm = cfg.lora_moe if use_lora else None
-    lora_mlp = lora_attn = None
-    if lm is not None and "mlp" in lm.targets:
-      shapes = ({"wi_gate": (d, f, "embed", "mlp"), "wi_up": (d, f, "embed", "mlp")}
-                if cfg.mlp == "gated" else {"wi": (d, f, "embed", "mlp")})
-      shapes["wo"] = (f, d, "mlp", "embed")
-      lora_mlp = LoRAMoE(lm, d, shapes, **kw)
-    if lm is not None and "attn_out" in lm.targets:
-      lora_attn = LoRAMoE(lm, d if lm.routing == "instance" else heads,
-                          {"out": (heads, d, "heads", "embed")}, **kw)
+    lora_qkv = lora_mlp = lora_attn = None
+    if lm is not None:
+      group = ((lambda shapes: LoRA(lm, shapes, **kw)) if lm.single else
+               (lambda shapes: LoRAMoE(lm, d, shapes, **kw)))
+      if "qkv" in lm.targets:
+        kv = cfg.num_kv_heads * cfg.dim_per_head
+        lora_qkv = LoRA(lm, {"query": (d, heads, "embed", "heads"),
+                             "key": (d, kv, "embed", "kv_heads"),
+                             "value": (d, kv, "embed", "kv_heads")}, **kw)
+      if "mlp" in lm.targets:
+        shapes = ({"wi_gate": (d, f, "embed", "mlp"), "wi_up": (d, f, "embed", "mlp")}
+                  if cfg.mlp == "gated" else {"wi": (d, f, "embed", "mlp")})
+        shapes["wo"] = (f, d, "mlp", "embed")
+        lora_mlp = group(shapes)
+      if "attn_out" in lm.targets:
+        lora_attn = group({"out": (heads, d, "heads", "embed")})
+    self.lora_qkv = nnx.data(lora_qkv)
     self.lora_mlp, self.lora_attn = nnx.data(lora_mlp), nnx.data(lora_attn)
 
-  def _lora(self, lora: Optional[LoRAMoE], guides: Optional[dict], train: bool,
+  def _lora(self, lora: Optional[LoRA | LoRAMoE], guides: Optional[dict], train: bool,
             rng: Optional[Array], salt: int, segment_ids: Optional[Array] = None):
-    """The `lora(name, x)` hook of a projection group: routes on the group's first input
-    (per token) or on the instance guide, once, then adds the experts' outputs. In a
-    packed row the instance guide is per token (its sample's), and so is the router
-    noise: one draw per segment (`segment_ids`)."""
+    """The `lora(name, x)` hook of a projection group. Routed experts route once per
+    call on the router input `guides["lora_router"]` (the detached embedding output:
+    [B, D] per sample, or [B, L, D] per token: token routing, and the instance guide of
+    a packed row, where the router noise is then one draw per segment, `segment_ids`),
+    then add the experts' outputs. Noise and LoRA dropout only in training."""
     if lora is None:
       return None
-    rng = None if rng is None else jax.random.fold_in(rng, salt)
+    rng = None if rng is None or not train else jax.random.fold_in(rng, salt)
+    fold = lambda i: None if rng is None else jax.random.fold_in(rng, i)
+    drop_rng = lambda name: fold(1 + lora.names.index(name))
+    if isinstance(lora, LoRA):
+      return lambda name, x: lora.delta(name, x, drop_rng(name))
     routed = {}
 
     def hook(name: str, x: Array) -> Array:
       if "w" not in routed:
-        if lora.cfg.routing == "token":
-          routed["w"] = lora.route(x, train=train, rng=rng)
-        else:
-          g = guides["lora_router"]
-          u = g if g.ndim == 3 else g[:, None, :]
-          routed["w"] = lora.route(u, train=train, rng=rng,
-                                   noise_index=segment_ids if g.ndim == 3 else None)
-      return lora.delta(name, x, *routed["w"])
+        g = guides["lora_router"]
+        u = g if g.ndim == 3 else g[:, None, :]
+        packed = g.ndim == 3 and lora.cfg.routing == "instance"
+        routed["w"] = lora.route(u, train=train, rng=fold(0),
+                                 noise_index=segment_ids if packed else None)
+      return lora.delta(name, x, *routed["w"], rng=drop_rng(name))
+    return hook
+
+  def _attn_lora(self, guides: Optional[dict], train: bool, rng: Optional[Array],
+                 segment_ids: Optional[Array]):
+    """The attention's `lora(name, x)` hook: q/k/v's plain LoRA and the output's."""
+    qkv = self._lora(self.lora_qkv, guides, train, rng, 3, segment_ids)
+    out = self._lora(self.lora_attn, guides, train, rng, 2, segment_ids)
+    if qkv is None and out is None:
+      return None
+
+    def hook(name: str, x: Array) -> Optional[Array]:
+      f = out if name == "out" else qkv
+      return None if f is None else f(name, x)
     return hook
 
   def _ffn(self, x: Array, modality: Optional[Array], train: bool,
@@ -118,8 +144,8 @@ class DecoderBlock(nnx.Module):
     guidance vectors of the language expert and the LoRA instance router."""
     segment_ids = mask.segment_ids if isinstance(mask, SelfMask) else None
     h = self.input_norm(x)
-    attn = self.attn(h, mask, rope, cache, lora=self._lora(self.lora_attn, guides, train,
-                                                             rng, 2, segment_ids))
+    attn = self.attn(h, mask, rope, cache,
+                     lora=self._attn_lora(guides, train, rng, segment_ids))
     if cache is not None:
       attn, cache = attn
     if self.parallel_residual:
@@ -213,6 +239,7 @@ class DecoderLM(nnx.Module):
                cache: Optional[KVCache] = None,
                rng: Optional[Array] = None,
                guide_mask: Optional[Array] = None,
+               router_mask: Optional[Array] = None,
                segment_ids: Optional[Array] = None,
                return_hidden: bool = False
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
@@ -230,6 +257,9 @@ class DecoderLM(nnx.Module):
     Guidance vectors (`TextConfig.guides()`) are masked means over `guide_mask` [B, L]
     (the prompt span; default: every valid token of the call). With a cache they are
     computed by the call that starts at slot 0 (the prefill) and kept in the cache.
+    Awaker's instance router averages over `router_mask` [B, L] instead when given (the
+    span from the image start to the end of the first user turn, `data.templates`); its
+    token router reads each token's own (detached) embedding output.
 
     Packed rows (`segment_ids` [B, L]: 1, 2, ... per sample, 0 = padding; no cache):
     attention stays inside each segment, positions restart at 0 in each segment (unless
@@ -263,15 +293,18 @@ class DecoderLM(nnx.Module):
                     jax.lax.dynamic_slice_in_dim(attention_mask, cache.index, l, axis=1))
     guides: dict[str, Array] = {}
 
-    def add_guide(name: str, h: Array) -> None:
-      g = (masked_mean(h, guide_mask) if segment_ids is None else  # [B, D] or [B, L, D]
-           attention.segment_mean(h, guide_mask, segment_ids))
+    def add_guide(name: str, h: Array, span: Optional[Array] = None) -> None:
+      span = guide_mask if span is None else span
+      g = (masked_mean(h, span) if segment_ids is None else  # [B, D] or [B, L, D]
+           attention.segment_mean(h, span, segment_ids))
       if cache is not None and cache.guides and name in cache.guides:
         g = jnp.where(cache.index == 0, g, cache.guides[name])  # decode: the prompt's
       guides[name] = g
 
     if "lora_router" in wanted:  # Awaker: the embedding output, detached
-      add_guide("lora_router", jax.lax.stop_gradient(x))
+      add_guide("lora_router", jax.lax.stop_gradient(x), router_mask)
+    elif self.cfg.lora_moe is not None and not self.cfg.lora_moe.single:
+      guides["lora_router"] = jax.lax.stop_gradient(x)  # token routing: each token's own
     guide_layer = (self.cfg.language_expert.guide_layer(self.cfg.num_layers)
                    if "language_expert" in wanted else -1)
     per_layer = []
@@ -291,8 +324,9 @@ class DecoderLM(nnx.Module):
     out = x if return_hidden else self.head(x)
     if cache is None:
       return out, summarize_moe(per_layer)
-    return out, summarize_moe(per_layer), cache._replace(
-        index=cache.index + l, guides=guides or None)
+    kept = {k: v for k, v in guides.items() if k in wanted}  # per-sample guides only
+    return out, summarize_moe(per_layer), cache._replace(index=cache.index + l,
+                                                         guides=kept or None)
 
 
 _POLICIES = {

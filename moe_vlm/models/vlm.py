@@ -94,6 +94,7 @@ class VLM(nnx.Module):
                attention_mask: Optional[Array] = None, *, train: bool = False,
                dispatch: Optional[str] = None, cache: Optional[KVCache] = None,
                rng: Optional[Array] = None, guide_mask: Optional[Array] = None,
+               router_mask: Optional[Array] = None,
                segment_ids: Optional[Array] = None, return_hidden: bool = False
                ) -> tuple[Array, dict[str, Array]] | tuple[Array, dict[str, Array], KVCache]:
     """Returns (logits [B, L, V] fp32, aux) - aux holds the summed MoE losses and the
@@ -104,7 +105,9 @@ class VLM(nnx.Module):
     With a `cache` (KV-cache decoding): input_ids are the L tokens written at slots
     cache.index.., attention_mask is [B, T] over all cache slots, and the call returns
     (logits, aux, updated cache). `guide_mask` [B, L]: the prompt span that per-sample
-    guidance vectors average over (`adapters.prompt_mask`; training passes it).
+    guidance vectors average over (`adapters.prompt_mask`; training passes it);
+    `router_mask` [B, L]: the span Awaker's instance router averages over (default
+    `guide_mask`; the data pipeline's `router_mask`).
 
     Packed rows: `segment_ids` [B, L] (1, 2, ... per sample, 0 = padding) and
     `pixel_values` [B, M, H, W, C] (see the module docstring); `attention_mask` is 1 on
@@ -129,5 +132,6 @@ class VLM(nnx.Module):
     modality = jnp.where(token_mask.astype(bool), jnp.where(is_image, IMAGE, TEXT), PAD)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, modality=modality,
                     train=train, dispatch=dispatch, cache=cache, rng=rng,
-                    guide_mask=guide_mask, segment_ids=segment_ids,
+                    guide_mask=guide_mask, router_mask=router_mask,
+                    segment_ids=segment_ids,
                     return_hidden=return_hidden)
