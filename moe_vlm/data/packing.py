@@ -264,6 +264,7 @@ def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], cfg: PackingConf
   row = dict(input_ids=np.full(length, pad_id, np.int32),
              attention_mask=np.zeros(length, np.int32),
              loss_mask=np.zeros(length, np.int32),
+             router_mask=np.zeros(length, np.int32),
              segment_ids=np.zeros(length, np.int32),
              pixel_values=np.zeros((slots,) + image_shape, np.float32),
              has_image=np.zeros(slots, np.int32))
@@ -289,6 +290,7 @@ def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], cfg: PackingConf
     row["attention_mask"][span] = 1
     row["loss_mask"][span] = ex["loss_mask"][:n]
     row["loss_mask"][pos] = 0  # nothing of this sample predicts its first token
+    row["router_mask"][span] = ex["router_mask"][:n]
     row["segment_ids"][span] = segment
     if int(ex["has_image"]):
       row["pixel_values"][image] = ex["pixel_values"]
@@ -302,7 +304,7 @@ def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], cfg: PackingConf
 def cut_example(example: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
   """A preprocessed example with its token arrays cut to `length` (a bucket)."""
   out = dict(example)
-  for key in ("input_ids", "attention_mask", "loss_mask"):
+  for key in ("input_ids", "attention_mask", "loss_mask", "router_mask"):
     out[key] = np.asarray(example[key])[:length]
   return out
 

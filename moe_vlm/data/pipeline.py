@@ -7,6 +7,8 @@ S = image_size):
   attention_mask  int32 [B, L]  1 on real tokens
   loss_mask       int32 [B, L]  1 where input_ids[t] is a target (answer tokens and the
                                 eos closing each answer); the trainer shifts it
+  router_mask     int32 [B, L]  1 on the first user turn's content (image and text):
+                                the span Awaker's instance router averages over
   pixel_values    float32 [B, S, S, 3]  normalised NHWC; zeros for text-only rows
   has_image       int32 [B]     1 when the row holds image tokens
   ok              int32 [B]     0 for a bad sample (see below)
@@ -46,8 +48,8 @@ from moe_vlm.data import templates
 OK, MISSING_IMAGE, UNREADABLE_IMAGE, MALFORMED_CONVERSATION, IMAGE_TRUNCATED = range(5)
 BAD_REASONS = ("ok", "missing_image", "unreadable_image", "malformed_conversation",
                "image_truncated")
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "has_image", "ok",
-              "truncated", "bad_reason", "sample_id", "image", "bad_detail")
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "router_mask", "pixel_values",
+              "has_image", "ok", "truncated", "bad_reason", "sample_id", "image", "bad_detail")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,7 @@ def _bad(record: Mapping[str, Any], config: PreprocessConfig, pad: int, reason: 
       "input_ids": np.full(L, pad, np.int32),
       "attention_mask": np.zeros(L, np.int32),
       "loss_mask": np.zeros(L, np.int32),
+      "router_mask": np.zeros(L, np.int32),
       "pixel_values": np.zeros((S, S, 3), np.float32),
       "has_image": np.int32(0),
       "ok": np.int32(0),
@@ -175,6 +178,7 @@ def preprocess(record: Mapping[str, Any], tokenizer: Any,
       "input_ids": enc.input_ids,
       "attention_mask": enc.attention_mask,
       "loss_mask": enc.loss_mask,
+      "router_mask": enc.router_mask,
       "pixel_values": pixels if has_image else np.zeros_like(pixels),
       "has_image": np.int32(has_image),
       "ok": np.int32(1),

@@ -23,6 +23,12 @@ Token layout rules shared by all templates:
     the whole string; a token is labelled when its last character lies in an answer.
   * `loss_mask[t] = 1` means token t is a training target (the HF "labels" convention:
     the trainer predicts token t from position t - 1, i.e. shifts the mask by one).
+  * `router_mask[t] = 1` marks the first user turn's content: its image tokens and its
+    text, without the role header before it or the end-of-turn marker and assistant
+    header after it (no system prompt either). Awaker2.5-VL's instance router averages
+    its gate input over this span (the release's `prompt_pos`: from the image start to
+    the end of the first user turn). `hf_chat` finds the content in the rendered
+    template; a template that does not render it verbatim marks the whole first prompt.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class EncodedSample:
   truncated: bool
   num_tokens: int  # real (non-pad) tokens after truncation
   num_image_tokens: int  # image placeholder ids placed (0 for text-only)
+  router_mask: Optional[np.ndarray] = None  # the first user turn's content (see above)
 
 
 # ---------------------------------------------------------------------------------
@@ -137,7 +144,9 @@ def _image_first(value: str) -> tuple[bool, str]:
 # ---------------------------------------------------------------------------------
 # Rendering: conversations -> segments
 #
-# A segment is ("text", str, is_target), ("image", None, False) or ("eos", None, True).
+# A segment is ("text", str, is_target), ("image", None, False) or ("eos", None, True),
+# optionally with a 4th element: True when it lies in the router span (see the module
+# docstring).
 
 
 def _render_plain(turns, open_turn):
@@ -146,7 +155,7 @@ def _render_plain(turns, open_turn):
                             "turns")
   segments = []
   if IMAGE_PLACEHOLDER in turns[0]["value"]:
-    segments.append(("image", None, False))
+    segments.append(("image", None, False, True))
   if not open_turn:
     segments += [("text", turns[1]["value"], True), ("eos", None, True)]
   return segments
@@ -156,11 +165,13 @@ def _render_moe_llava(turns, open_turn, system=MOE_LLAVA_SYSTEM):
   segments = [("text", system + " ", False)]
   for k in range(0, len(turns), 2):
     image, question = _image_first(turns[k]["value"])
+    first = k == 0  # the router span: the first user turn's content
     if image:
-      segments += [("text", "USER: ", False), ("image", None, False),
-                   ("text", "\n" + question + " ASSISTANT:", False)]
+      segments += [("text", "USER: ", False), ("image", None, False, first),
+                   ("text", "\n" + question, False, first), ("text", " ASSISTANT:", False)]
     else:
-      segments.append(("text", "USER: " + question + " ASSISTANT:", False))
+      segments += [("text", "USER: ", False), ("text", question, False, first),
+                   ("text", " ASSISTANT:", False)]
     if k + 1 < len(turns):
       segments += [("text", " " + turns[k + 1]["value"], True), ("eos", None, True)]
   return segments
@@ -183,14 +194,23 @@ def _render_hf_chat(turns, open_turn, tokenizer):
     return tokenizer.apply_chat_template(msgs, tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
-  pieces = []  # (text, is_target)
+  pieces = []  # (text, is_target, in the router span)
   done = ""
   for k in range(0, len(messages), 2):
     prompt = render(messages[:k + 1], True)
     if not prompt.startswith(done):
       raise ValueError(f"the tokenizer's chat template is not incremental (turn {k // 2}'s "
                        "prompt does not extend the previous turns); use 'phi' instead")
-    pieces.append((prompt[len(done):], False))
+    new = prompt[len(done):]
+    content = messages[k]["content"]
+    at = new.rfind(content) if k == 0 and content else -1
+    if k == 0 and at < 0:  # not rendered verbatim: the whole first prompt
+      pieces.append((new, False, True))
+    elif k == 0:
+      pieces += [(new[:at], False, False), (content, False, True),
+                 (new[at + len(content):], False, False)]
+    else:
+      pieces.append((new, False, False))
     done = prompt
     if k + 1 < len(messages):
       full = render(messages[:k + 2], False)
@@ -199,15 +219,15 @@ def _render_hf_chat(turns, open_turn, tokenizer):
                          "answer does not extend its prompt); use 'phi' instead")
       answer = full[len(prompt):]
       target = answer.rstrip()  # content + end-of-turn marker; trailing newline is prompt
-      pieces += [(target, True), (answer[len(target):], False)]
+      pieces += [(target, True, False), (answer[len(target):], False, False)]
       done = full
   segments = []
-  for text, target in pieces:
+  for text, target, router in pieces:
     parts = text.split(IMAGE_PLACEHOLDER)
     for j, part in enumerate(parts):
       if j:
-        segments.append(("image", None, False))
-      segments.append(("text", part, target))
+        segments.append(("image", None, False, router))
+      segments.append(("text", part, target, router))
   return segments
 
 
@@ -227,67 +247,79 @@ def render_segments(conversations: Sequence[dict[str, str]], template: str, toke
 # Tokenization
 
 
-def _encode_text_run(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-  """Tokenizes consecutive text pieces as one string; labels tokens ending in a target."""
-  text = "".join(p for p, _ in pieces)
+def _encode_text_run(tokenizer, pieces: list[tuple[str, bool, bool]]
+                     ) -> tuple[list[int], list[int], list[int]]:
+  """Tokenizes consecutive text pieces (text, is_target, in_router_span) as one string;
+  labels tokens ending in a target, and marks those ending in the router span."""
+  text = "".join(p for p, _, _ in pieces)
   if not text:
-    return [], []
+    return [], [], []
   if getattr(tokenizer, "is_fast", False):
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     is_target = np.zeros(len(text) + 1, bool)
+    is_router = np.zeros(len(text) + 1, bool)
     pos = 0
-    for piece, target in pieces:
+    for piece, target, router in pieces:
       is_target[pos:pos + len(piece)] = target
+      is_router[pos:pos + len(piece)] = router
       pos += len(piece)
     ids = list(enc["input_ids"])
-    labels = []
+    labels, routers = [], []
     for start, end in enc["offset_mapping"]:
       labels.append(int(is_target[max(end - 1, start, 0)]))
-    return ids, labels
+      routers.append(int(is_router[max(end - 1, start, 0)]))
+    return ids, labels, routers
   # Slow tokenizers have no offsets: tokenize piece by piece (merges cannot cross a
   # prompt/answer boundary, which only matters for exotic tokenizers).
-  ids, labels = [], []
-  for piece, target in pieces:
+  ids, labels, routers = [], [], []
+  for piece, target, router in pieces:
     if piece:
       piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
       ids += piece_ids
       labels += [int(target)] * len(piece_ids)
-  return ids, labels
+      routers += [int(router)] * len(piece_ids)
+  return ids, labels, routers
 
 
 def _segments_to_ids(segments, tokenizer, *, num_image_tokens: int, image_token_id: int,
-                     add_bos: bool) -> tuple[list[int], list[int], int]:
-  """-> (ids, labels, image_start or -1)."""
+                     add_bos: bool) -> tuple[list[int], list[int], int, list[int]]:
+  """-> (ids, labels, image_start or -1, router span flags)."""
   ids: list[int] = []
   labels: list[int] = []
+  routers: list[int] = []
   image_start = -1
   if add_bos:
     if tokenizer.bos_token_id is None:
       raise ValueError("add_bos=True but the tokenizer has no bos token")
     ids.append(tokenizer.bos_token_id)
     labels.append(0)
-  run: list[tuple[str, bool]] = []
+    routers.append(0)
+  run: list[tuple[str, bool, bool]] = []
 
   def flush():
-    run_ids, run_labels = _encode_text_run(tokenizer, run)
+    run_ids, run_labels, run_routers = _encode_text_run(tokenizer, run)
     ids.extend(run_ids)
     labels.extend(run_labels)
+    routers.extend(run_routers)
     run.clear()
 
-  for kind, text, target in segments:
+  for kind, text, target, *rest in segments:
+    router = bool(rest and rest[0])
     if kind == "text":
-      run.append((text, target))
+      run.append((text, target, router))
       continue
     flush()
     if kind == "image":
       image_start = len(ids)
       ids.extend([image_token_id] * num_image_tokens)
       labels.extend([0] * num_image_tokens)
+      routers.extend([int(router)] * num_image_tokens)
     elif kind == "eos":
       if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; the templates need one")
       ids.append(tokenizer.eos_token_id)
       labels.append(int(target))
+      routers.append(int(router))
     else:
       raise AssertionError(kind)
   flush()
@@ -296,7 +328,7 @@ def _segments_to_ids(segments, tokenizer, *, num_image_tokens: int, image_token_
     raise ConversationError(f"the text itself tokenizes to the image token id "
                             f"{image_token_id}; image tokens may only come from "
                             f"{IMAGE_PLACEHOLDER}")
-  return ids, labels, image_start
+  return ids, labels, image_start, routers
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -323,7 +355,7 @@ def tokenize_conversation(conversations: Any, tokenizer: Any, template: str, *,
     raise ValueError(f"max_length must be positive, got {max_length}")
   turns = validate_conversations(conversations)
   segments = render_segments(turns, template, tokenizer)
-  ids, labels, image_start = _segments_to_ids(
+  ids, labels, image_start, routers = _segments_to_ids(
       segments, tokenizer, num_image_tokens=num_image_tokens,
       image_token_id=image_token_id, add_bos=add_bos)
   truncated = len(ids) > max_length
@@ -331,7 +363,7 @@ def tokenize_conversation(conversations: Any, tokenizer: Any, template: str, *,
     raise ImageTruncatedError(
         f"max_length={max_length} cuts through the image tokens (positions {image_start}"
         f"..{image_start + num_image_tokens - 1} of {len(ids)}); sample skipped")
-  ids, labels = ids[:max_length], labels[:max_length]
+  ids, labels, routers = ids[:max_length], labels[:max_length], routers[:max_length]
   n = len(ids)
   input_ids = np.full(max_length, pad_id(tokenizer), np.int32)
   input_ids[:n] = ids
@@ -339,18 +371,24 @@ def tokenize_conversation(conversations: Any, tokenizer: Any, template: str, *,
   attention_mask[:n] = 1
   loss_mask = np.zeros(max_length, np.int32)
   loss_mask[:n] = labels
+  router_mask = np.zeros(max_length, np.int32)
+  router_mask[:n] = routers
   return EncodedSample(input_ids=input_ids, attention_mask=attention_mask,
                        loss_mask=loss_mask, truncated=truncated, num_tokens=n,
-                       num_image_tokens=num_image_tokens if image_start >= 0 else 0)
+                       num_image_tokens=num_image_tokens if image_start >= 0 else 0,
+                       router_mask=router_mask)
 
 
 def encode_prompt(conversations: Any, tokenizer: Any, template: str, *,
-                  num_image_tokens: int, image_token_id: int,
-                  add_bos: bool = False) -> np.ndarray:
+                  num_image_tokens: int, image_token_id: int, add_bos: bool = False,
+                  with_router_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Generation prompt: conversations ending with a human turn -> int32 ids that end
-  where the assistant's answer should begin (e.g. "... ASSISTANT:"). Unpadded."""
+  where the assistant's answer should begin (e.g. "... ASSISTANT:"). Unpadded. With
+  `with_router_mask`, (ids, router_mask): the router span as training marks it."""
   turns = validate_conversations(conversations, allow_open_turn=True)
   segments = render_segments(turns, template, tokenizer, open_turn=True)
-  ids, _, _ = _segments_to_ids(segments, tokenizer, num_image_tokens=num_image_tokens,
-                               image_token_id=image_token_id, add_bos=add_bos)
-  return np.asarray(ids, np.int32)
+  ids, _, _, routers = _segments_to_ids(segments, tokenizer,
+                                        num_image_tokens=num_image_tokens,
+                                        image_token_id=image_token_id, add_bos=add_bos)
+  ids = np.asarray(ids, np.int32)
+  return (ids, np.asarray(routers, np.int32)) if with_router_mask else ids

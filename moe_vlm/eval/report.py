@@ -63,9 +63,11 @@ def answer_questions(model: VLM, records: list[dict], tokenizer: Any, cfg: VLMCo
                      max_new_tokens: int, mesh: Optional[jax.sharding.Mesh] = None
                      ) -> tuple[list[str], dict[str, np.ndarray]]:
   """Greedy answers to each record's first human turn, and summed routing statistics."""
-  prompts = [templates.encode_prompt(r["conversations"][:1], tokenizer, template,
+  encoded = [templates.encode_prompt(r["conversations"][:1], tokenizer, template,
                                      num_image_tokens=cfg.num_image_tokens,
-                                     image_token_id=cfg.image_token_id) for r in records]
+                                     image_token_id=cfg.image_token_id, with_router_mask=True)
+             for r in records]
+  prompts, spans = [p for p, _ in encoded], [r for _, r in encoded]
   load = runner.pixels_loader(data_dir, cfg.vision.image_size, normalization)
   routing: dict[str, np.ndarray] = collections.defaultdict(lambda: 0)
 
@@ -78,7 +80,7 @@ def answer_questions(model: VLM, records: list[dict], tokenizer: Any, cfg: VLMCo
   tokens = runner.generate_batches(
       model, tokenizer, prompts, lambda i: load(records[i].get("image")), batch_size=batch_size,
       max_new_tokens=max_new_tokens, on_batch=add_routing if cfg.text.moe is not None else None,
-      mesh=mesh)
+      mesh=mesh, router_masks=spans)
   return runner.decode(tokenizer, tokens), dict(routing)
 
 

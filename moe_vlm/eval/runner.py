@@ -57,13 +57,15 @@ def generate_batches(model: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
                      pixels_of: Callable[[int], np.ndarray], *, batch_size: int,
                      max_new_tokens: int, stop_ids: Sequence[int] = (),
                      on_batch: Optional[Callable[[Batch], None]] = None,
-                     mesh: Any = None) -> list[list[int]]:
+                     mesh: Any = None,
+                     router_masks: Optional[Sequence[np.ndarray]] = None) -> list[list[int]]:
   """Greedy answers (token ids, eos excluded) for every prompt, `batch_size` at a time.
 
   `pixels_of(i)` loads prompt i's image lazily (one batch of images in memory at a time);
   `on_batch` sees each batch after decoding (routing statistics use it). Decoding stops
   at eos; answers are also cut at any of `stop_ids` (chat templates' end-of-turn marks).
   With `mesh` (the model's parameters placed on it) the batch is split over it too.
+  `router_masks`: each prompt's router span (Awaker's instance router; `templates`).
   """
   if not prompts:
     return []
@@ -77,8 +79,11 @@ def generate_batches(model: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
     rows = [prompts[i] for i in idx] + [prompts[idx[-1]]] * fill
     pixels = [pixels_of(i) for i in idx]
     pixels = np.stack(pixels + [pixels[-1]] * fill)
+    spans = (None if router_masks is None else
+             [router_masks[i] for i in idx] + [router_masks[idx[-1]]] * fill)
     new = greedy_generate(model, rows, pixels, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
-                          max_new_tokens=max_new_tokens, prompt_length=length, mesh=mesh)
+                          max_new_tokens=max_new_tokens, prompt_length=length, mesh=mesh,
+                          router_masks=spans)
     new = [_until(row, stops) for row in new]
     out += new[:len(idx)]
     if on_batch is not None:
@@ -100,7 +105,9 @@ def answer(im: InferenceModel, questions: Sequence[Question], *, image_root: str
            batch_size: int, max_new_tokens: int,
            on_batch: Optional[Callable[[Batch], None]] = None) -> list[str]:
   """The model's greedy answer text to each question (images relative to image_root)."""
-  prompts = [im.encode(question_turns(q.text, q.image is not None)) for q in questions]
+  encoded = [im.encode(question_turns(q.text, q.image is not None), with_router_mask=True)
+             for q in questions]
+  prompts, spans = [p for p, _ in encoded], [r for _, r in encoded]
 
   def pixels_of(i: int) -> np.ndarray:
     image = questions[i].image
@@ -109,7 +116,8 @@ def answer(im: InferenceModel, questions: Sequence[Question], *, image_root: str
     except images_lib.ImageError as e:
       raise type(e)(f"question {questions[i].question_id!r}: {e}") from e
 
-  tokens = generate_batches(im.model, im.tokenizer, prompts, pixels_of, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, stop_ids=im.stop_ids,
-                            on_batch=on_batch, mesh=im.mesh)
+  tokens = generate_batches(im.model, im.tokenizer, prompts, pixels_of,
+                            batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            stop_ids=im.stop_ids, on_batch=on_batch, mesh=im.mesh,
+                            router_masks=spans)
   return [im.decode(t) for t in tokens]

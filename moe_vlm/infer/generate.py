@@ -116,18 +116,21 @@ def decode_step(model, tokens: Array, mask: Array, cache: KVCache) -> tuple[Arra
 
 
 def _run(model, cache: KVCache, mask: Array, input_ids: Array, pixel_values: Optional[Array],
-         rng: Array, knobs: dict[str, Array], *, max_new_tokens: int, greedy: bool,
-         nucleus: bool, return_logits: bool) -> tuple[Array, Optional[Array], KVCache]:
+         rng: Array, knobs: dict[str, Array], router_mask: Optional[Array] = None, *,
+         max_new_tokens: int, greedy: bool, nucleus: bool,
+         return_logits: bool) -> tuple[Array, Optional[Array], KVCache]:
   """Prefill `input_ids` [B, P] at slots cache.index.., then the decode loop.
 
   `mask` [B, T] is the validity of every cache slot (earlier turns, the new prompt, and
   the generated slots). Returns (tokens [B, N], logits or None, cache); the last
   generated token is not fed back, so the cache ends at index + P + steps - 1.
+  `router_mask` [B, P]: the prompt's router span (Awaker's instance router).
   """
   b = input_ids.shape[0]
   n = max_new_tokens
   cache = cache._replace(k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
-  logits, _, cache = model(input_ids, pixel_values, mask, dispatch="dropless", cache=cache)
+  logits, _, cache = model(input_ids, pixel_values, mask, dispatch="dropless", cache=cache,
+                           router_mask=router_mask)
   logits = logits[:, -1]  # left padding: every row's last prompt token is at P - 1
   stop, pad = knobs["stop"], knobs["pad"]
 
@@ -166,13 +169,14 @@ _STATIC = ("max_new_tokens", "greedy", "nucleus", "return_logits")
 
 
 @nnx.jit(static_argnames=_STATIC)
-def _generate(model, input_ids, attention_mask, pixel_values, rng, knobs, **static):
+def _generate(model, input_ids, attention_mask, pixel_values, rng, knobs, router_mask=None,
+              **static):
   """Fresh cache of P + max_new_tokens slots -> (tokens, logits or None)."""
   b, p = input_ids.shape
   length = p + static["max_new_tokens"]
   cache = init_cache(model.cfg.text, b, length)
   tokens, seen, _ = _run(model, cache, cache_mask(attention_mask, length), input_ids,
-                         pixel_values, rng, knobs, **static)
+                         pixel_values, rng, knobs, router_mask, **static)
   return tokens, seen
 
 
@@ -223,7 +227,7 @@ def _static(config: GenerationConfig, return_logits: bool) -> dict[str, Any]:
 def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = None,
              config: Optional[GenerationConfig] = None, *, rng: Optional[Array] = None,
              return_logits: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
-             **overrides: Any):
+             router_mask: Any = None, **overrides: Any):
   """Generates up to max_new_tokens per row with a KV cache.
 
   Args:
@@ -236,6 +240,9 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
     return_logits: also return each step's raw next-token logits [B, N, V] (fp32).
     mesh: run sharded: the batch (and KV cache rows) split over the batch axes, heads
       and experts as the parameters are; the tokens equal an unsharded run's.
+    router_mask: [B, P] left-padded like the prompts: the span Awaker's instance router
+      averages over (`templates.encode_prompt(..., with_router_mask=True)`); None: the
+      whole prompt.
 
   Returns:
     tokens [B, max_new_tokens] int32: a row's stop token is kept, then pad_id follows.
@@ -250,8 +257,9 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
   if mesh is not None:
     mesh_lib.check_model_fits_mesh(model.cfg, mesh)
   with (contextlib.nullcontext() if mesh is None else mesh_lib.activation_sharding(mesh)):
+    span = None if router_mask is None else _place(np.asarray(router_mask, np.int32), mesh)
     tokens, logits = _generate(model, _place(ids, mesh), _place(mask, mesh),
-                               _place(pixels, mesh), rng, config.knobs(),
+                               _place(pixels, mesh), rng, config.knobs(), span,
                                **_static(config, return_logits))
   if mesh is not None and not tokens.is_fully_addressable:
     # Rows split over other processes' devices: every process gets all of them (small).
@@ -305,9 +313,12 @@ def left_pad(prompts: Sequence[np.ndarray], pad_id: int, length: int) -> tuple[n
 
 def greedy_generate(model, prompts: Sequence[np.ndarray], pixels: np.ndarray, *, pad_id: int,
                     eos_id: int, max_new_tokens: int, prompt_length: int,
-                    mesh: Optional[jax.sharding.Mesh] = None) -> list[list[int]]:
-  """New tokens per prompt (up to, excluding, eos). `pixels` [B, H, W, 3] row-aligned."""
+                    mesh: Optional[jax.sharding.Mesh] = None,
+                    router_masks: Optional[Sequence[np.ndarray]] = None) -> list[list[int]]:
+  """New tokens per prompt (up to, excluding, eos). `pixels` [B, H, W, 3] row-aligned;
+  `router_masks` the prompts' router spans (see `generate`)."""
   ids, mask = left_pad(prompts, pad_id, prompt_length)
+  span = None if router_masks is None else left_pad(router_masks, 0, prompt_length)[0]
   tokens = generate(model, ids, mask, pixels, max_new_tokens=max_new_tokens,
-                    eos_ids=(eos_id,), pad_id=eos_id, mesh=mesh)
+                    eos_ids=(eos_id,), pad_id=eos_id, mesh=mesh, router_mask=span)
   return until_stop(tokens, (eos_id,))

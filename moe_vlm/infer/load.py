@@ -59,12 +59,14 @@ class InferenceModel:
       ids |= {vocab[t] for t in _END_OF_TURN if t in vocab}
     return tuple(sorted(ids))
 
-  def encode(self, conversations: Sequence[dict[str, str]]) -> np.ndarray:
-    """Turns ending with a human turn -> prompt ids ending where the answer begins."""
+  def encode(self, conversations: Sequence[dict[str, str]], *,
+             with_router_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Turns ending with a human turn -> prompt ids ending where the answer begins (and
+    with `with_router_mask` the router span, `templates.encode_prompt`)."""
     return templates.encode_prompt(conversations, self.tokenizer, self.template,
                                    num_image_tokens=self.cfg.num_image_tokens,
                                    image_token_id=self.cfg.image_token_id,
-                                   add_bos=self.add_bos)
+                                   add_bos=self.add_bos, with_router_mask=with_router_mask)
 
   def image(self, source: Optional[images_lib.ImageInput]) -> np.ndarray:
     """The model's [H, W, 3] input for an image; zeros (ignored) for None."""

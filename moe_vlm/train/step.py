@@ -28,11 +28,14 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
 # Packed batches (`data.packing="first_fit"`) add the rows' segment ids [B, L] (1, 2, ...
 # per sample, 0 = padding), and their pixel_values are [B, M, H, W, C].
 PACKED_INPUTS = ("segment_ids",)
+# The span Awaker's instance router averages over (`data.templates`: the first user
+# turn's content); batches without it route on the prompt (`adapters.prompt_mask`).
+OPTIONAL_INPUTS = ("router_mask",)
 
 
 def model_inputs(batch: Mapping[str, Any]) -> tuple[str, ...]:
   """The keys of `batch` the train step reads."""
-  return MODEL_INPUTS + tuple(k for k in PACKED_INPUTS if k in batch)
+  return MODEL_INPUTS + tuple(k for k in PACKED_INPUTS + OPTIONAL_INPUTS if k in batch)
 
 
 class TrainState(NamedTuple):
@@ -193,7 +196,8 @@ def make_loss_fn(codec: ParamCodec, cfg: StepConfig):
     guide = prompt_mask(batch["attention_mask"], batch["loss_mask"], segment_ids)
     hidden, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                         train=True, dispatch=cfg.dispatch, rng=rng, guide_mask=guide,
-                        segment_ids=segment_ids, return_hidden=True)
+                        router_mask=batch.get("router_mask"), segment_ids=segment_ids,
+                        return_hidden=True)
     head_fn, head_params = model.llm.head_fn()
     ce_sum, n, head_full = answer_loss(head_fn, head_params, hidden, batch["input_ids"],
                                        batch["loss_mask"],
