@@ -45,8 +45,7 @@ def param_counts(cfg: VLMConfig) -> dict[str, int]:
     if ".mlp.experts." in name:
       moe = cfg.text.moe
       n = n * moe.top_k // moe.num_experts
-    elif ".lora_" in name and (name.endswith("_a") or name.endswith("_b")) \
-        and "_shared_" not in name:
+    elif ".lora_" in name and len(shape.shape) == 3:  # routed LoRA experts [E, in|r, r|out]
       lm = cfg.text.lora_moe
       n = n * lm.top_k // lm.num_experts
     active += n
@@ -99,10 +98,13 @@ def train_variant(variant: str, root: str, scale: float, max_examples: int) -> d
   wd = os.path.join(root, variant)
   stages = variants_cfg.STAGES[variant]
   base = os.path.join(root, "moe_llava")
-  if variant == "awaker" and os.path.isdir(os.path.join(base, "stage2", "final")):
-    for k in (1, 2):  # the same dense model as MoE-LLaVA's: reuse its stages 1-2
-      if not os.path.isdir(os.path.join(wd, f"stage{k}")):
-        shutil.copytree(os.path.join(base, f"stage{k}"), os.path.join(wd, f"stage{k}"))
+  if variant == "awaker":  # Awaker's stages I-III on MoE-LLaVA's stage-2 dense model
+    if not os.path.isdir(os.path.join(base, "stage2", "final")):
+      dense = _scaled(variants_cfg.get_config("moe_llava"), scale, max_examples)
+      dense.data.dir, dense.data.tokenizer = c.data.dir, c.data.tokenizer
+      loop.train(dense, base, (1, 2))
+    c.init.params = os.path.join(base, "stage2", "final")
+    c.vision_pretrain.steps = 0  # the base's tower
   exp = loop.train(c, wd, stages)
   last = max(stages)
   cfg = exp.model_config(last)

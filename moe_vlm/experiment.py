@@ -17,7 +17,8 @@ so this is the one place that knows the workdir layout:
 
 and how each stage's model config follows from the experiment config: stages 1-2 run
 the dense model (`model`, or the architectures of the `init` checkpoints), stage 3 adds
-the `moe` block (MoE-LLaVA upcycling) or the `lora_moe` one (`stage3_kind="lora"`).
+the `moe` block (MoE-LLaVA upcycling); a stage whose preset trains LoRA (Awaker2.5-VL,
+`train.stages.LORA_FORMS`) adds the `lora_moe` block in that preset's form.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from moe_vlm.models.params import Params
 from moe_vlm.models.vlm import VLM
 from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.parallel import placement
+from moe_vlm.train.stages import LORA_FORMS
 
 log = logging.getLogger("moe_vlm")
 
@@ -88,6 +90,15 @@ def _from_checkpoint(block: str, ours: Any, theirs: Any, path: str) -> Any:
   return dataclasses.replace(theirs, **{f: getattr(ours, f) for f in execution})
 
 
+# VLM families a config may name (configs/awaker.py) before the model supports them.
+UNSUPPORTED_VLMS = {
+    "qwen2_vl": "Qwen2-VL (Awaker2.5-VL's base: a ViT with 2D rotary positions at native "
+                "resolution, a 2x2 patch merger and M-RoPE in the LLM) is not supported yet; "
+                "configs/variants.py:awaker runs the same LoRA recipe on the LLaVA-style "
+                "model meanwhile",
+}
+
+
 def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLMConfig:
   """The dense (stage 1-2) model config. Parts loaded from HF checkpoints (`init`) take
   their architecture from the checkpoint's config.json; otherwise `model` says it.
@@ -100,7 +111,12 @@ def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLM
   # fixes every architecture field; the config keeps only the execution ones.
   whole, whole_path = None, s.init.hf_llava or s.init.ckpt
   if s.init.hf_llava:
-    whole = hf.vlm_config_from_hf(hf.load_hf_config(s.init.hf_llava))
+    theirs = hf.load_hf_config(s.init.hf_llava)
+    family = getattr(theirs, "model_type", None)
+    if family in UNSUPPORTED_VLMS:
+      raise ConfigError(f"init.hf_llava={s.init.hf_llava}: a {family} checkpoint; "
+                        f"{UNSUPPORTED_VLMS[family]}")
+    whole = hf.vlm_config_from_hf(theirs)
   elif s.init.ckpt:
     whole = converted_config(s.init.ckpt)
   if whole is not None:
@@ -167,17 +183,20 @@ def pretrain_model_config(c: ml_collections.ConfigDict | Settings,
 
 def stage_model_config(c: ml_collections.ConfigDict | Settings, dense: VLMConfig,
                        k: int) -> VLMConfig:
-  """Stage k's model: the dense one, plus in stage 3 the MoE layers or LoRA experts;
-  "stage 0" is the vision tower's pre-training (`pretrain_model_config`)."""
+  """Stage k's model: the dense one, plus the LoRA of its preset (Awaker2.5-VL's single
+  LoRA or LoRA experts) or in stage 3 the MoE layers; "stage 0" is the vision tower's
+  pre-training (`pretrain_model_config`)."""
   s = settings_of(c)
   if k == PRETRAIN:
     return pretrain_model_config(s, dense)
   if k not in STAGES:
     raise ValueError(f"stage {k}: MoE-Tuning has stages 1, 2 and 3")
-  if k != 3:
+  form = LORA_FORMS.get(s.stages.get(k).train)
+  if form is not None:  # Awaker2.5-VL: the LoRA's form is the stage preset's
+    lora = dataclasses.replace(s.lora_moe, single=form == "single")
+    text = dataclasses.replace(dense.text, lora_moe=lora)
+  elif k != 3:
     return dense
-  if s.stage3_kind == "lora":
-    text = dataclasses.replace(dense.text, lora_moe=s.lora_moe)
   elif dense.text.moe is not None:
     # A checkpoint with MoE layers already (init.ckpt, e.g. a released MoE-LLaVA model):
     # no upcycling; its experts stay what they are and the `moe` block sets how they run.
@@ -347,6 +366,15 @@ class Experiment:
       raise FileNotFoundError(f"{final} holds no parameters: stage {k} has not finished "
                               "in this workdir")
     return load_params(final, self.model_config(k), mesh)
+
+  def load_dense_params(self, directory: str,
+                        mesh: Optional[jax.sharding.Mesh] = None) -> Params:
+    """A flat params directory of this experiment's dense model (`init.params`), onto
+    `mesh`."""
+    if not ckpt_lib.has_params(directory):
+      raise FileNotFoundError(f"init.params={directory} holds no parameters (expected a "
+                              "flat params directory, e.g. another run's stage2/final)")
+    return load_params(directory, self.dense_config, mesh)
 
   def init_checkpoint_params(self, mesh: Optional[jax.sharding.Mesh] = None) -> Params:
     """The parameters of `init.ckpt` (a converted checkpoint), onto `mesh`: where the

@@ -33,6 +33,7 @@ class StageSettings:
 
   train: str = "projector"          # a preset of moe_vlm.train.stages (checked there)
   extra_modules: tuple[str, ...] = ()  # extra parameter-name substrings to train
+  frozen_modules: tuple[str, ...] = ()  # ... and substrings to keep frozen (wins)
   data: str = ""                    # comma-separated LLaVA JSON files (or tfds name:split)
   template: str = "plain"
   batch_size: int = 32              # global, over all processes
@@ -111,18 +112,27 @@ class InitSettings:
   `ckpt`, a converted checkpoint (`moe-vlm convert from-hf` output, e.g. a released
   MoE-LLaVA model): the architecture is then the checkpoint's (MoE layers included,
   stage 3 does not upcycle them again) and the run's first stage starts from its
-  parameters."""
+  parameters. `params`: a flat parameter directory of this experiment's own dense
+  model (another run's `<workdir>/stage2/final`), where the first stage starts: the
+  pretrained base of a LoRA recipe (Awaker2.5-VL's stage I) on the synthetic model."""
 
   hf_vision: str = ""
   hf_llm: str = ""
   hf_llava: str = ""
   ckpt: str = ""
+  params: str = ""
+
+  @property
+  def pretrained_llm(self) -> str:
+    """Where a pretrained LLM comes from ("" when the LLM starts random)."""
+    return self.hf_llava or self.hf_llm or self.ckpt or self.params
 
   def validate(self) -> None:
     given = [f for f in ("hf_vision", "hf_llm", "hf_llava") if getattr(self, f)]
-    if self.ckpt and given:
-      raise ConfigError(f"init.ckpt and init.{given[0]} both set: a converted checkpoint "
-                        "holds the whole model; give one of them")
+    whole = [f for f in ("ckpt", "params") if getattr(self, f)]
+    if whole and (given or len(whole) > 1):
+      raise ConfigError(f"init.{whole[0]} and init.{(given + whole[1:])[0]} both set: "
+                        f"init.{whole[0]} holds the whole model; give one of them")
     if self.hf_llava and given != ["hf_llava"]:
       raise ConfigError("init.hf_llava holds the whole model: init.hf_vision / init.hf_llm "
                         "must stay empty")
@@ -289,7 +299,7 @@ class ExperimentConfig:
     self.data.validate()
     self.init.validate()
     self.vision_pretrain.validate()
-    tower = self.init.hf_vision or self.init.hf_llava or self.init.ckpt
+    tower = self.init.hf_vision or self.init.hf_llava or self.init.ckpt or self.init.params
     if self.vision_pretrain.steps and tower:
       raise ConfigError(
           f"vision_pretrain.steps={self.vision_pretrain.steps}: the vision tower comes from "
@@ -306,11 +316,41 @@ class ExperimentConfig:
     self.checkpoint.validate()
     self.eval.validate()
     _at_least("", self, log_every=1)
-    if self.stage3_kind == "lora" and self.lora_moe is None:
-      raise ConfigError("stage3_kind='lora' needs a lora_moe block")
+    self._validate_lora()
     for name in _TEXT_EXCLUDED:
       if getattr(self.model.text, name) is not None:
         raise ConfigError(f"model.text.{name}: set the experiment's `{name}` block instead")
+
+
+  def _validate_lora(self) -> None:
+    """LoRA presets (Awaker2.5-VL, `train.stages.LORA_FORMS`) against the lora_moe block."""
+    from moe_vlm.train.stages import LORA_FORMS
+    lora = [k for k in STAGES if self.stages.get(k).train in LORA_FORMS]
+    if self.stage3_kind == "lora" and self.lora_moe is None:
+      raise ConfigError("stage3_kind='lora' needs a lora_moe block")
+    if lora and self.lora_moe is None:
+      raise ConfigError(f"stages.stage{lora[0]}.train={self.stages.get(lora[0]).train!r} "
+                        "trains LoRA: it needs a lora_moe block")
+    if self.stage3_kind == "lora" and 3 not in lora:
+      raise ConfigError(f"stage3_kind='lora': stages.stage3.train="
+                        f"{self.stages.stage3.train!r} is not a LoRA preset (one of "
+                        f"{sorted(LORA_FORMS)})")
+    if self.stage3_kind == "moe" and 3 in lora:
+      raise ConfigError(f"stages.stage3.train={self.stages.stage3.train!r} is a LoRA preset "
+                        "but stage3_kind='moe' (MoE-LLaVA upcycling): set stage3_kind='lora'")
+    if self.lora_moe is not None and self.lora_moe.single:
+      raise ConfigError("lora_moe.single: a stage's preset sets it (lora_single); leave it "
+                        "false in the experiment's lora_moe block")
+    forms = [LORA_FORMS[self.stages.get(k).train] for k in lora]
+    after = [k for k in STAGES if lora and k > lora[0] and k not in lora]
+    if after:
+      raise ConfigError(f"stages.stage{after[0]}.train={self.stages.get(after[0]).train!r} "
+                        f"follows the LoRA stage {lora[0]}: LoRA stages must come last (a "
+                        "trained LoRA is not dropped; fold it with "
+                        "convert.lora.merge_lora_experts)")
+    if "experts" in forms and forms[forms.index("experts"):].count("single"):
+      raise ConfigError(f"stages {lora}: a lora_single stage after a routed-experts one "
+                        "(experts are not folded back into one LoRA)")
 
 
 def _at_least(block: str, obj: Any, **bounds: int) -> None:

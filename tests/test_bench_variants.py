@@ -42,14 +42,27 @@ def test_variant_configs_build_the_intended_models(variant, tokenizer):
     assert any(".visual_expert." in n for n in names
                if trainable_fn(c.stages.stage1.train)(n))
   elif variant == "awaker":
+    # Stage III: LoRA experts (and q/k/v's plain LoRA), the gates frozen.
     assert cfg.text.moe is None and cfg.text.lora_moe.routing == "instance"
-    assert trained and all(".lora_" in n for n in trained)
-    # Stage 3 starts from stage 2's parameters plus fresh LoRA experts.
+    assert not cfg.text.lora_moe.single and cfg.text.lora_moe.rank == 16
+    assert trained and all(".lora_" in n and ".router" not in n for n in trained)
+    assert any(".lora_qkv." in n for n in trained)
+    # Stage I (a single LoRA) starts from the dense base plus fresh LoRA, B at zero...
+    single = experiment.stage_model_config(c, dense, 1)
+    assert single.text.lora_moe.single
+    mesh = mesh_lib.make_mesh({"data": -1})
     dense_params = {n: np.full(s.shape, 0.5, s.dtype) for n, s in ParamCodec.abstract(
         lambda: VLM(dense, rngs=nnx.Rngs(0))).shapes.items()}
-    start = loop.add_new_params(dense_params, cfg, mesh_lib.make_mesh({"data": -1}), seed=0)
-    assert set(start) == set(names)
+    start = loop.add_new_params(dense_params, single, mesh, seed=0)
+    single_names = ParamCodec.abstract(lambda: VLM(single, rngs=nnx.Rngs(0))).names
+    assert set(start) == set(single_names)
     assert all(np.array_equal(start[k], v) for k, v in dense_params.items())
+    assert all(not np.asarray(start[k]).any() for k in start if ".lora_" in k
+               and k.endswith("_b"))
+    # ... and stage II from stage I's, its LoRA in every expert (tests/test_awaker.py).
+    stage2 = experiment.stage_model_config(c, dense, 2)
+    assert stage2 == cfg and trainable_fn(c.stages.stage2.train)(
+        next(n for n in names if n.endswith(".router")))
   elif variant == "perceiver":
     assert cfg.num_image_tokens == 8 < dense.vision.num_patches
     assert cfg.text.moe is not None

@@ -43,7 +43,7 @@ from moe_vlm.parallel import placement
 from moe_vlm.train import stages as stages_lib
 from moe_vlm.train import step as step_lib
 from moe_vlm.train.optim import OptimConfig
-from moe_vlm.train.upcycle import upcycle_check, upcycle_params
+from moe_vlm.train.upcycle import lora_upcycle_params, upcycle_check, upcycle_params
 
 log = logging.getLogger("moe_vlm")
 
@@ -135,9 +135,8 @@ def packing_config(data: schema.DataSettings,
 
 def stage_data(source, exp: Experiment, cfg: VLMConfig, s: schema.StageSettings, k: int,
                mesh: jax.sharding.Mesh):
-  """(steps, this process's rows, its pipeline) of a stage: `s.steps`, or `s.epochs`
-  passes over the source in batches of rows (one sample each, or packed:
-  `data.packing`)."""
+  """(steps, this process's pipeline) of a stage: `s.steps`, or `s.epochs` passes over
+  the source in batches of rows (one sample each, or packed: `data.packing`)."""
   settings = exp.settings
   transform = pipeline_lib.Preprocess(exp.tokenizer,
                                       preprocess_config(settings.data, cfg, s.template))
@@ -181,6 +180,8 @@ def initial_params(exp: Experiment, mesh: jax.sharding.Mesh) -> Params:
   cfg, init = exp.dense_config, exp.settings.init
   if init.ckpt:  # a converted checkpoint holds the whole model
     return exp.init_checkpoint_params(mesh)
+  if init.params:  # this experiment's dense model, trained elsewhere
+    return exp.load_dense_params(init.params, mesh)
   codec = placement.abstract_codec(cfg)
   shardings = placement.shardings(cfg, mesh)
   params: Params = {}
@@ -208,6 +209,25 @@ def add_new_params(params: Params, cfg: VLMConfig, mesh: jax.sharding.Mesh,
   shardings = placement.shardings(cfg, mesh)
   fresh = placement.init_params(cfg, mesh, seed, [n for n in names if n not in params])
   return {**fresh, **{k: jax.device_put(v, shardings[k]) for k, v in params.items()}}
+
+
+def stage_start(exp: Experiment, k: int, params: Params, prev_cfg: VLMConfig,
+                mesh: jax.sharding.Mesh) -> Params:
+  """Stage k's starting parameters from `params`, those of a model of config `prev_cfg`
+  (the previous stage's, or the dense start): MoE-LLaVA's upcycling into stage 3's MoE
+  layers; for Awaker2.5-VL fresh LoRA on a model without (B at zero: same function),
+  and at stage II its stage-I LoRA copied into every expert (`lora_upcycle_params`);
+  otherwise the parameters as they are."""
+  settings, cfg = exp.settings, exp.model_config(k)
+  seed = settings.seed
+  if cfg.text.moe is not None and prev_cfg.text.moe is None:
+    return upcycle_params(params, prev_cfg, settings.moe, seed=seed, mesh=mesh)
+  prev_lm, lm = prev_cfg.text.lora_moe, cfg.text.lora_moe
+  if lm is not None and prev_lm is None:
+    return add_new_params(params, cfg, mesh, seed)
+  if lm is not None and prev_lm.single and not lm.single:
+    return lora_upcycle_params(params, prev_cfg, cfg, seed=seed, mesh=mesh)
+  return params
 
 
 # ------------------------------------------------------------------------ one stage
@@ -411,7 +431,7 @@ def run_stage(k: int, exp: Experiment, mesh: jax.sharding.Mesh, init: Callable[[
         f"stage {k}: {exp.checkpoint_dir(k)} holds step {ckpts.latest_step()} but the stage "
         f"now has {steps} steps (stages.stage{k}.steps / epochs); a resume would label the "
         "later state with an earlier step. Restore the setting, or move the directory away")
-  trainable = stages_lib.trainable_fn(s.train, tuple(s.extra_modules))
+  trainable = stages_lib.stage_trainable(s)
   step_cfg = step_config(settings.moe, s, steps)
   tx = step_lib.make_optimizer(step_cfg.optim)
   shardings = step_lib.state_shardings(codec, trainable, mesh, tx)
@@ -511,6 +531,11 @@ def check_stages(exp: Experiment, stages: Sequence[int], mesh: jax.sharding.Mesh
     try:
       if k not in schema.STAGES:
         raise ValueError(f"MoE-Tuning has stages {schema.STAGES}")
+      if k == 1 and s.train in stages_lib.LORA_FORMS and not settings.init.pretrained_llm:
+        raise ConfigError(f"stages.stage1.train={s.train!r} trains LoRA on a frozen base, "
+                          "but no pretrained model is given: set init.hf_llava, init.hf_llm, "
+                          "init.ckpt or init.params (e.g. another run's "
+                          "<workdir>/stage2/final)")
       cfg = exp.model_config(k)
       if k == 3 and settings.stage3_kind == "moe" and exp.dense_config.text.moe is None:
         upcycle_check(exp.dense_config, settings.moe)
@@ -528,8 +553,7 @@ def check_stages(exp: Experiment, stages: Sequence[int], mesh: jax.sharding.Mesh
       if s.train not in stages_lib.PRESETS:
         raise stages_lib.StageConfigError(
             f"stages.stage{k}.train={s.train!r}: expected one of {stages_lib.PRESETS}")
-      step_lib.split_params(codec.shapes, stages_lib.trainable_fn(s.train,
-                                                                  tuple(s.extra_modules)))
+      step_lib.split_params(codec.shapes, stages_lib.stage_trainable(s))
       step_config(settings.moe, s, 1).head_capacity(settings.data.max_length)
       if settings.data.kind == "synthetic":
         from moe_vlm.data import synthetic
@@ -542,7 +566,7 @@ def check_stages(exp: Experiment, stages: Sequence[int], mesh: jax.sharding.Mesh
           raise FileNotFoundError(f"stages.stage{k}.data: {missing} not found "
                                   f"(data.dir={exp.data_dir})")
       if (k > 1 and k - 1 not in stages and not exp.has_final(k - 1)
-          and not settings.init.ckpt):
+          and not settings.init.ckpt and not settings.init.params):
         raise FileNotFoundError(f"stage {k} starts from stage {k - 1}'s parameters, but "
                                 f"{exp.final_dir(k - 1)} does not exist: run stage {k - 1} "
                                 "first")
@@ -571,25 +595,16 @@ def train(c: ml_collections.ConfigDict, workdir: str, stages: Sequence[int] = (1
     if pretrain_vision.run(exp, mesh, stop_after=stop_after) is None:
       return exp  # stop_after
 
-  def previous(k: int) -> Params:
+  def previous(k: int) -> tuple[Params, VLMConfig]:
+    """What stage k starts from, and the config of its model."""
     if k - 1 in latest:
-      return latest.pop(k - 1)  # handed over (and donated) to stage k
-    if not exp.has_final(k - 1) and settings.init.ckpt:
-      return exp.init_checkpoint_params(mesh)  # fine-tuning a converted checkpoint
-    return exp.load_params(k - 1, mesh)
+      return latest.pop(k - 1), exp.model_config(k - 1)  # handed over (and donated)
+    if k == 1 or (not exp.has_final(k - 1) and (settings.init.ckpt or settings.init.params)):
+      return initial_params(exp, mesh), exp.dense_config  # e.g. fine-tuning a checkpoint
+    return exp.load_params(k - 1, mesh), exp.model_config(k - 1)
 
   for k in stages:
-    if k == 1:
-      init = lambda: initial_params(exp, mesh)
-    elif k == 2:
-      init = lambda: previous(2)
-    elif settings.stage3_kind == "lora":
-      init = lambda: add_new_params(previous(3), exp.model_config(3), mesh, settings.seed)
-    elif exp.dense_config.text.moe is not None:  # MoE layers already (init.ckpt)
-      init = lambda: previous(3)
-    else:
-      init = lambda: upcycle_params(previous(3), exp.dense_config, settings.moe,
-                                    seed=settings.seed, mesh=mesh)
+    init = lambda: stage_start(exp, k, *previous(k), mesh)
     params = run_stage(k, exp, mesh, init, stop_after=stop_after)
     if params is None:  # stop_after
       break

@@ -80,15 +80,18 @@ def abstract_batch(cfg: VLMConfig, batch_size: int, seq_len: int) -> dict[str, A
 
 def compile_train_step(cfg: VLMConfig, mesh: Mesh, *, batch_size: int, seq_len: int,
                        train: str = "projector_llm", extra_modules: Sequence[str] = (),
+                       frozen_modules: Sequence[str] = (),
                        step_cfg: step_lib.StepConfig = step_lib.StepConfig(),
                        rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES):
   """The loop's jitted train step, lowered and compiled on abstract state and batch."""
   return lower_train_step(cfg, mesh, batch_size=batch_size, seq_len=seq_len, train=train,
-                          extra_modules=extra_modules, step_cfg=step_cfg, rules=rules).compile()
+                          extra_modules=extra_modules, frozen_modules=frozen_modules,
+                          step_cfg=step_cfg, rules=rules).compile()
 
 
 def lower_train_step(cfg: VLMConfig, mesh: Mesh, *, batch_size: int, seq_len: int,
                      train: str = "projector_llm", extra_modules: Sequence[str] = (),
+                     frozen_modules: Sequence[str] = (),
                      step_cfg: step_lib.StepConfig = step_lib.StepConfig(),
                      rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES):
   """`compile_train_step` before `.compile()`: tracing is serial (the activation-sharding
@@ -98,7 +101,7 @@ def lower_train_step(cfg: VLMConfig, mesh: Mesh, *, batch_size: int, seq_len: in
     raise ValueError(f"batch {batch_size} is not divisible by grad_accum "
                      f"{step_cfg.grad_accum}")
   codec = ParamCodec.abstract(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
-  trainable = stages_lib.trainable_fn(train, tuple(extra_modules))
+  trainable = stages_lib.trainable_fn(train, tuple(extra_modules), tuple(frozen_modules))
   tx = step_lib.make_optimizer(step_cfg.optim)
   shardings = step_lib.state_shardings(codec, trainable, mesh, tx, rules)
   state = jax.eval_shape(lambda: step_lib.init_state(
@@ -174,6 +177,7 @@ def preflight_config(c: ml_collections.ConfigDict, stages: Sequence[int] = (1, 2
         where=f"stage {k} ({s.train}, batch {s.batch_size}, grad_accum {s.grad_accum}, "
               f"mesh {dict(mesh.shape)})",
         print_fn=print_fn, train=s.train, extra_modules=tuple(s.extra_modules),
+        frozen_modules=tuple(s.frozen_modules),
         step_cfg=step_cfg)
   return reports
 

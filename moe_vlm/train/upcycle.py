@@ -1,4 +1,5 @@
-"""Sparse upcycling (MoE-Tuning stage 3): dense model -> MoE model.
+"""Sparse upcycling (MoE-Tuning stage 3): dense model -> MoE model; and Awaker2.5-VL's
+stage II start: its stage-I LoRA copied into every LoRA expert (`lora_upcycle_params`).
 
 Every expert of an MoE layer starts as an exact copy of that layer's stage-2 FFN and
 each router is freshly initialised like torch's `nn.Linear` (what MoE-LLaVA does).
@@ -107,3 +108,62 @@ def upcycle_params(dense: Params, dense_cfg: VLMConfig, moe: MoEConfig, *, seed:
   fn = jax.jit(lambda d: upcycled(d, codec, moe, seed), in_shardings=(dense_shardings,),
                out_shardings=placement.shardings(cfg, mesh), donate_argnums=0)
   return fn({n: dense[n] for n in dense_shardings})
+
+
+# ------------------------------------------------- Awaker2.5-VL: single LoRA -> experts
+
+
+def lora_source(name: str, single: Mapping[str, object]) -> str | None:
+  """The stage-I parameter a stage-II LoRA parameter starts from: itself (q/k/v's plain
+  LoRA and everything outside the LoRA), `<proj>_a/_b` for every expert's `<proj>_a/_b`
+  and for the global expert's `<proj>_shared_a/_b`; None for the routers (fresh)."""
+  if name in single:
+    return name
+  head, leaf = name.rsplit(".", 1)
+  if leaf.endswith(("_shared_a", "_shared_b")):
+    leaf = leaf.replace("_shared_", "_")
+  source = f"{head}.{leaf}"
+  return source if source in single else None
+
+
+def lora_upcycled(single: Mapping[str, jax.Array], codec: ParamCodec) -> Params:
+  """Stage II's parameters that come from stage I's (`lora_source`), as a pure function:
+  each routed expert [E, in, r] and the global expert [in, r] a copy of stage I's LoRA
+  [in, r] of the same projection; every other parameter carried over."""
+  out = {}
+  for name in codec.names:
+    source = lora_source(name, single)
+    if source is None:
+      continue
+    shape = codec.shapes[name]
+    value = jnp.broadcast_to(single[source], shape.shape)
+    out[name] = jnp.asarray(value, shape.dtype)
+  return out
+
+
+def lora_upcycle_params(single: Params, single_cfg: VLMConfig, experts_cfg: VLMConfig, *,
+                        seed: int, mesh: Mesh) -> Params:
+  """Awaker2.5-VL's stage II start from its stage I's final parameters (global arrays on
+  `mesh`): every expert and the global expert start as copies of the single LoRA,
+  computed under jit straight onto the experts model's shardings (stage I's arrays
+  donated), and the routers (RMSNorm at one, linear gate) freshly initialised on
+  theirs. No host copy of a global array."""
+  from moe_vlm.parallel import placement
+
+  lm, lm_single = experts_cfg.text.lora_moe, single_cfg.text.lora_moe
+  if lm is None or lm.single or lm_single is None or not lm_single.single:
+    raise ConfigError("lora_upcycle_params: expected a single-LoRA (stage I) model and a "
+                      "LoRA-experts one")
+  shape = lambda c: (c.rank, c.targets, c.layers)
+  if shape(lm_single) != shape(lm):
+    raise ConfigError(f"lora_upcycle_params: stage I's LoRA (rank, targets, layers) "
+                      f"{shape(lm_single)} differs from stage II's {shape(lm)}")
+  codec = placement.abstract_codec(experts_cfg)
+  single_shardings = placement.shardings(single_cfg, mesh)
+  shardings = placement.shardings(experts_cfg, mesh)
+  copied = [n for n in codec.names if lora_source(n, single_shardings) is not None]
+  fn = jax.jit(lambda d: lora_upcycled(d, codec), in_shardings=(single_shardings,),
+               out_shardings={n: shardings[n] for n in copied}, donate_argnums=0)
+  out = fn({n: single[n] for n in single_shardings})
+  fresh = [n for n in codec.names if n not in out]
+  return {**out, **placement.init_params(experts_cfg, mesh, seed, fresh)}
