@@ -99,7 +99,7 @@ def _rope(cfg: Any) -> tuple[float, float]:
   return float(theta), float(partial)
 
 
-_TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen2_moe", "phi", "stablelm")
+_TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen2_moe", "phi", "stablelm", "qwen2_vl_text")
 
 
 def text_config_from_hf(hf: Any, dtype: str = "float32") -> TextConfig:
@@ -108,6 +108,8 @@ def text_config_from_hf(hf: Any, dtype: str = "float32") -> TextConfig:
   if mt not in _TEXT_FAMILIES:
     raise ConfigError(f"model_type={mt!r}: supported text families are "
                       f"{', '.join(_TEXT_FAMILIES)}")
+  if mt == "qwen2_vl_text":
+    return _qwen2_vl_text_config(hf, dtype)
   theta, partial = _rope(hf)
   common = dict(
       vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
@@ -157,8 +159,45 @@ def text_config_from_hf(hf: Any, dtype: str = "float32") -> TextConfig:
   raise AssertionError(mt)  # unreachable: _TEXT_FAMILIES lists the branches above
 
 
+def _qwen2_vl_text_config(hf: Any, dtype: str) -> TextConfig:
+  """Qwen2-VL's decoder: Qwen2 (q/k/v bias, RMSNorm, SwiGLU) with M-RoPE. Its attention
+  takes head_dim = hidden / heads whatever the config says."""
+  if _get(hf, "use_sliding_window", False):
+    raise ConfigError("qwen2_vl: use_sliding_window=True is not supported")
+  params = dict(_get(hf, "rope_parameters") or {})
+  if params.get("rope_type", "default") not in ("default", "mrope"):
+    raise ConfigError(f"qwen2_vl: rope_type={params['rope_type']!r} is not supported")
+  return TextConfig(
+      family="qwen2", vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+      intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
+      num_heads=hf.num_attention_heads,
+      num_kv_heads=_get(hf, "num_key_value_heads") or hf.num_attention_heads,
+      norm="rms", norm_eps=hf.rms_norm_eps, mlp="gated", activation=hf.hidden_act,
+      qkv_bias=True, rope_theta=float(params.get("rope_theta", 1000000.0)),
+      rope_type="mrope", mrope_section=tuple(int(x) for x in params.get(
+          "mrope_section", (16, 24, 24))),
+      tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)), dtype=dtype)
+
+
+def _qwen2_vl_vision_config(hf: Any, dtype: str) -> VisionConfig:
+  """Qwen2VLVisionConfig -> our tower (its LayerNorms and the merger's use eps 1e-6;
+  `hidden_size` there is the merger's output, the LLM's width)."""
+  for name in ("patch_size", "temporal_patch_size"):
+    if not isinstance(_get(hf, name), int):
+      raise ConfigError(f"qwen2_vl vision {name}={_get(hf, name)!r}: expected an int")
+  params = _get(hf, "rope_parameters") or {}
+  return VisionConfig(
+      variant="qwen2_vl", patch_size=hf.patch_size, num_channels=hf.in_channels,
+      hidden_size=hf.embed_dim, intermediate_size=int(hf.embed_dim * hf.mlp_ratio),
+      num_layers=hf.depth, num_heads=hf.num_heads, norm_eps=1e-6, activation=hf.hidden_act,
+      spatial_merge_size=hf.spatial_merge_size, temporal_patch_size=hf.temporal_patch_size,
+      rope_theta=float(params.get("rope_theta", 10000.0)), dtype=dtype)
+
+
 def vision_config_from_hf(hf: Any, dtype: str = "float32") -> VisionConfig:
   mt = _get(hf, "model_type")
+  if mt == "qwen2_vl_vision":
+    return _qwen2_vl_vision_config(hf, dtype)
   variants = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
   if mt not in variants:
     raise ConfigError(f"vision model_type={mt!r}: expected one of {sorted(variants)}")
@@ -170,9 +209,12 @@ def vision_config_from_hf(hf: Any, dtype: str = "float32") -> VisionConfig:
 
 
 def vlm_config_from_hf(hf: Any, dtype: str = "float32") -> VLMConfig:
-  """VLMConfig from a LlavaConfig."""
+  """VLMConfig from a LlavaConfig or a Qwen2VLConfig."""
+  if _get(hf, "model_type") == "qwen2_vl":
+    return qwen2_vl_config_from_hf(hf, dtype)
   if _get(hf, "model_type") != "llava":
-    raise ConfigError(f"model_type={_get(hf, 'model_type')!r}: expected 'llava'")
+    raise ConfigError(f"model_type={_get(hf, 'model_type')!r}: expected 'llava' or "
+                      "'qwen2_vl'")
   layer = hf.vision_feature_layer
   if not isinstance(layer, int):
     raise ConfigError(f"vision_feature_layer={layer!r}: only a single layer is supported")
@@ -186,6 +228,41 @@ def vlm_config_from_hf(hf: Any, dtype: str = "float32") -> VLMConfig:
                    vision_feature_layer=layer,
                    vision_feature_select_strategy=hf.vision_feature_select_strategy,
                    image_token_id=hf.image_token_index)
+
+
+def qwen2_vl_config_from_hf(hf: Any, dtype: str = "float32",
+                            min_pixels: Optional[int] = None,
+                            max_pixels: Optional[int] = None) -> VLMConfig:
+  """VLMConfig from a Qwen2VLConfig: the tower's last hidden state through the patch
+  merger, M-RoPE in the Qwen2 decoder. The pixel budget (`min_pixels`, `max_pixels`) is
+  the image processor's (preprocessor_config.json), not the model's; default: ours."""
+  text = dataclasses.replace(text_config_from_hf(hf.text_config, dtype),
+                             tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)))
+  vision = vision_config_from_hf(hf.vision_config, dtype)
+  if hf.vision_config.hidden_size != text.hidden_size:
+    raise ConfigError(f"qwen2_vl: vision_config.hidden_size={hf.vision_config.hidden_size} "
+                      f"(the merger's output) differs from the text hidden_size "
+                      f"{text.hidden_size}")
+  budget = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+            if v is not None}
+  return VLMConfig(vision=dataclasses.replace(vision, **budget), text=text,
+                   projector="qwen2_vl_merger", vision_feature_layer=-1,
+                   vision_feature_select_strategy="full", image_token_id=hf.image_token_id)
+
+
+def pixel_budget(path: str) -> dict[str, int]:
+  """min_pixels / max_pixels of a directory's Qwen2-VL image processor (its
+  preprocessor_config.json: `size.shortest_edge` / `size.longest_edge`, or the older
+  `min_pixels` / `max_pixels` keys); {} when it has none."""
+  file = os.path.join(path, "preprocessor_config.json")
+  if not os.path.exists(file):
+    return {}
+  with open(file) as f:
+    raw = json.load(f)
+  size = raw.get("size") or {}
+  out = {"min_pixels": raw.get("min_pixels", size.get("shortest_edge")),
+         "max_pixels": raw.get("max_pixels", size.get("longest_edge"))}
+  return {k: int(v) for k, v in out.items() if v is not None}
 
 
 # ------------------------------------------------------- configs, the other way
@@ -296,6 +373,40 @@ def vlm_config_to_hf(cfg: VLMConfig, **text_extra: Any) -> Any:
       image_seq_length=cfg.num_image_tokens, tie_word_embeddings=cfg.text.tie_embeddings)
 
 
+def qwen2_vl_config_to_hf(cfg: VLMConfig, **text_extra: Any) -> Any:
+  """Qwen2VLConfig of a Qwen2-VL model of ours (tower, merger, dense Qwen2 decoder with
+  M-RoPE); ConfigError names what it cannot express."""
+  import transformers
+
+  t, v = cfg.text, cfg.vision
+  _require(t, "Qwen2VLConfig's decoder (Qwen2 with M-RoPE)", norm="rms", mlp="gated",
+           qkv_bias=True, o_bias=False, mlp_bias=False, parallel_residual=False,
+           partial_rotary_factor=1.0, rope_type="mrope", lm_head_bias=False, moe=None,
+           dim_per_head=t.hidden_size // t.num_heads)
+  _require(cfg, "Qwen2VLConfig", projector="qwen2_vl_merger", vision_feature_layer=-1)
+  _require(v, "Qwen2VLVisionConfig (LayerNorm eps 1e-6)", variant="qwen2_vl", norm_eps=1e-6)
+  if v.intermediate_size % v.hidden_size:
+    raise ConfigError(f"Qwen2VLVisionConfig cannot express vision.intermediate_size="
+                      f"{v.intermediate_size}: it is mlp_ratio x hidden_size "
+                      f"({v.hidden_size}) with an integer mlp_ratio")
+  text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+              num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+              hidden_act=t.activation, rms_norm_eps=t.norm_eps,
+              rope_parameters={"rope_type": "default", "rope_theta": float(t.rope_theta),
+                               "mrope_section": list(t.mrope_section)},
+              tie_word_embeddings=t.tie_embeddings, **text_extra)
+  vision = dict(depth=v.num_layers, embed_dim=v.hidden_size, hidden_size=t.hidden_size,
+                hidden_act=v.activation, mlp_ratio=v.intermediate_size // v.hidden_size,
+                num_heads=v.num_heads, in_channels=v.num_channels, patch_size=v.patch_size,
+                spatial_merge_size=v.spatial_merge_size,
+                temporal_patch_size=v.temporal_patch_size,
+                rope_parameters={"rope_type": "axial", "rope_theta": float(v.rope_theta)})
+  return transformers.Qwen2VLConfig(text_config=text, vision_config=vision,
+                                    image_token_id=cfg.image_token_id,
+                                    tie_word_embeddings=t.tie_embeddings)
+
+
 # ---------------------------------------------------------- on-disk key layouts
 
 # transformers 5 keeps two layouts: the in-memory one our tables use, and the on-disk one
@@ -323,6 +434,21 @@ def rename_prefixes(state: StateDict, pairs) -> dict[str, np.ndarray]:
 def canonical_llava_keys(state: StateDict) -> dict[str, np.ndarray]:
   """On-disk LLaVA names (`language_model.model.*`) -> in-memory ones."""
   return rename_prefixes(state, _LLAVA_DISK_PREFIXES)
+
+
+# Qwen2-VL on disk (hub checkpoints, save_pretrained): `model.*` is the decoder body,
+# `visual.*` the tower, `lm_head.*`; in memory `model.language_model.*`, `model.visual.*`.
+_QWEN2_VL_DISK_PREFIXES = (
+    ("visual.", "model.visual."),
+    ("model.", "model.language_model."),
+)
+
+
+def canonical_qwen2_vl_keys(state: StateDict) -> dict[str, np.ndarray]:
+  """On-disk Qwen2-VL names -> in-memory ones (a state already in memory names is kept)."""
+  if any(k.startswith(("model.language_model.", "model.visual.")) for k in state):
+    return dict(state)
+  return rename_prefixes(state, _QWEN2_VL_DISK_PREFIXES)
 
 
 def fuse_unfused_experts(state: StateDict) -> dict[str, np.ndarray]:
@@ -484,6 +610,11 @@ def _llava_source(state: StateDict, cfg: VLMConfig, moe_layout: str):
   return state, keymap.llava_rules(cfg, vprefix, moe_layout), ignore
 
 
+def _qwen2_vl_source(state: StateDict, cfg: VLMConfig):
+  state = canonical_qwen2_vl_keys(state)
+  return state, keymap.qwen2_vl_rules(cfg), ["lm_head."] if cfg.text.tie_embeddings else []
+
+
 def import_text(state: StateDict, hf_config: Any, *, dtype: str = "float32",
                 rngs: Optional[nnx.Rngs] = None, moe_layout: str = "qwen2_moe"):
   """*ForCausalLM (llama, qwen2, qwen2_moe, phi, stablelm) -> DecoderLM."""
@@ -517,12 +648,26 @@ def import_llava(state: StateDict, hf_config: Any, *, dtype: str = "float32",
   return model
 
 
+def import_qwen2_vl(state: StateDict, hf_config: Any, *, dtype: str = "float32",
+                    rngs: Optional[nnx.Rngs] = None, **budget: int):
+  """Qwen2VLForConditionalGeneration (in-memory or on-disk names) -> VLM; `budget`:
+  min_pixels / max_pixels (see `qwen2_vl_config_from_hf`)."""
+  from moe_vlm.models.vlm import VLM
+
+  cfg = qwen2_vl_config_from_hf(hf_config, dtype, **budget)
+  model = VLM(cfg, rngs=rngs or nnx.Rngs(0))
+  load_weights(model, *_qwen2_vl_source(state, cfg))
+  return model
+
+
 def import_pretrained(path: str, *, dtype: str = "float32", moe_layout: str = "qwen2_moe"):
   """A model directory (config.json + safetensors) -> (our model, its config)."""
   hf_config = load_hf_config(path)
   state = load_safetensors(path)
   mt = hf_config.model_type
-  if mt == "llava":
+  if mt == "qwen2_vl":
+    model = import_qwen2_vl(state, hf_config, dtype=dtype, **pixel_budget(path))
+  elif mt == "llava":
     model = import_llava(state, hf_config, dtype=dtype, moe_layout=moe_layout)
   elif mt in ("clip_vision_model", "siglip_vision_model", "clip", "siglip"):
     model = import_vision(_vision_state(state, hf_config), vision_part(hf_config), dtype=dtype)
@@ -549,6 +694,8 @@ def import_pretrained_params(path: str, cfg: VLMConfig, part: str, shapes: Mappi
     source = _vision_source(_vision_state(state, hf_config), cfg.vision, "vision.")
   elif part == "llm":
     source = _text_source(state, cfg.text, "llm.", "model.", moe_layout)
+  elif cfg.vision.native:  # a Qwen2-VL directory
+    source = _qwen2_vl_source(state, cfg)
   else:
     source = _llava_source(state, cfg, moe_layout)
   try:

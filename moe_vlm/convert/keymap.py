@@ -266,3 +266,48 @@ def qwen1_text_rules(cfg: TextConfig, ours: str = "llm.", moe_layout: str = "moe
   if not cfg.tie_embeddings:
     rules += linear(f"{ours}lm_head", "lm_head", cfg.lm_head_bias)
   return rules
+
+
+# ------------------------------------------------------------------------ Qwen2-VL
+
+
+def _patch_embed_to_ours(a: Arrays) -> Arrays:
+  w = a[0]  # Conv3d [D, C, T, p, p]: kernel = stride = one patch, i.e. a linear map
+  return [w.reshape(w.shape[0], -1).T]
+
+
+def qwen2_vl_vision_rules(cfg: VisionConfig, ours: str = "vision.", hf: str = "model.visual.",
+                          projector: str = "projector.") -> list[Rule]:
+  """Qwen2-VL's vision tower and patch merger (`Qwen2VisionTransformerPretrainedModel`):
+  `patch_embed.proj` (Conv3d, no bias) <-> our patch_kernel [C*T*p*p, D] (the patch
+  flattened in HF's (C, T, p, p) order); `blocks.{i}.{norm1, norm2, attn.qkv (q|k|v
+  fused rows), attn.proj, mlp.fc1, mlp.fc2}`; `merger.{ln_q, mlp.0, mlp.2}` <-> our
+  projector's ln_q, linear_1, linear_2."""
+  shape = (cfg.hidden_size, cfg.num_channels, cfg.temporal_patch_size, cfg.patch_size,
+           cfg.patch_size)
+  rules = [Rule((f"{ours}patch_kernel",), (f"{hf}patch_embed.proj.weight",),
+                _patch_embed_to_ours,
+                lambda a: [np.ascontiguousarray(a[0].T.reshape(shape))])]
+  for i in range(cfg.num_layers):
+    o, h = f"{ours}layers.{i}", f"{hf}blocks.{i}"
+    rules += norm(f"{o}.norm1", f"{h}.norm1", True)
+    rules += norm(f"{o}.norm2", f"{h}.norm2", True)
+    qkv = tuple(f"{o}.attn.{n}" for n in ("query", "key", "value"))
+    rules.append(Rule(tuple(f"{x}.kernel" for x in qkv), (f"{h}.attn.qkv.weight",),
+                      _split_qkv, _fuse_qkv))
+    rules.append(Rule(tuple(f"{x}.bias" for x in qkv), (f"{h}.attn.qkv.bias",),
+                      _split_qkv, _fuse_qkv))
+    rules += linear(f"{o}.attn.out", f"{h}.attn.proj", True)
+    rules += linear(f"{o}.mlp.wi", f"{h}.mlp.fc1", True)
+    rules += linear(f"{o}.mlp.wo", f"{h}.mlp.fc2", True)
+  rules += norm(f"{projector}ln_q", f"{hf}merger.ln_q", True)
+  rules += linear(f"{projector}linear_1", f"{hf}merger.mlp.0", True)
+  rules += linear(f"{projector}linear_2", f"{hf}merger.mlp.2", True)
+  return rules
+
+
+def qwen2_vl_rules(cfg: VLMConfig) -> list[Rule]:
+  """Qwen2VLForConditionalGeneration (transformers 5's in-memory names: `model.visual.*`,
+  `model.language_model.*`, `lm_head`)."""
+  return (qwen2_vl_vision_rules(cfg.vision)
+          + text_rules(cfg.text, "llm.", "model.language_model.", "lm_head"))

@@ -332,6 +332,13 @@ class TextConfig:
   # Query/key block of the "blocked" kernel: a packed row costs about the work of the
   # blocks its segments touch, so smaller blocks skip more (64 was fastest on a CPU).
   attention_block_size: int = 64
+  # Rotary positions: "default" (one position per token) or "mrope" (Qwen2-VL's
+  # multimodal RoPE: three position rows, temporal / height / width, and the rotary
+  # frequencies split into `mrope_section` chunks, chunk i rotated by row i % 3; text
+  # tokens carry the same position in all three rows, image tokens their grid cell).
+  rope_type: Literal["default", "mrope"] = "default"
+  # Frequencies per chunk (sum = rotary_dim / 2); Qwen2-VL's is (16, 24, 24).
+  mrope_section: tuple[int, ...] = (16, 24, 24)
 
   @property
   def dim_per_head(self) -> int:
@@ -367,6 +374,13 @@ class TextConfig:
           f"rotary dim {self.rotary_dim} (head_dim x partial_rotary_factor) must be even")
     if self.norm not in ("rms", "layer"):
       raise ConfigError(f"text.norm={self.norm!r}: expected 'rms' or 'layer'")
+    if self.rope_type not in ("default", "mrope"):
+      raise ConfigError(f"text.rope_type={self.rope_type!r}: expected 'default' or 'mrope'")
+    if self.rope_type == "mrope" and (
+        len(self.mrope_section) != 3 or min(self.mrope_section) < 1
+        or sum(self.mrope_section) != self.rotary_dim // 2):
+      raise ConfigError(f"text.mrope_section={list(self.mrope_section)}: expected 3 positive "
+                        f"chunks summing to rotary_dim / 2 = {self.rotary_dim // 2}")
     if self.mlp not in ("gated", "plain"):
       raise ConfigError(f"text.mlp={self.mlp!r}: expected 'gated' or 'plain'")
     check_activation(self.activation, "text.activation")
@@ -390,11 +404,26 @@ class TextConfig:
     return tuple(out)
 
 
+VISION_VARIANTS = ("clip", "siglip", "qwen2_vl")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """A ViT: CLIP (class token, pre-layernorm, quick_gelu) or SigLIP (neither, gelu_tanh)."""
+  """A ViT: CLIP (class token, pre-layernorm, quick_gelu), SigLIP (neither, gelu_tanh), or
+  Qwen2-VL's native-resolution tower (`variant="qwen2_vl"`, `moe_vlm.models.qwen2_vl`):
+  no class token and no position table, 2D rotary positions (row, column of each patch)
+  in every attention layer, patches of `temporal_patch_size` x patch x patch pixels
+  embedded by one linear map, and `spatial_merge_size`^2 neighbouring patches merged
+  into one LLM token by the `qwen2_vl_merger` projector.
 
-  variant: Literal["clip", "siglip"] = "clip"
+  Qwen2-VL keeps static shapes through a patch budget: an image is resized
+  (`data.images.smart_resize`: sides multiples of patch x merge, area within
+  [min_pixels, max_pixels]) and its patches fill the first t*h*w of `max_patches` slots;
+  the rest are padding, masked out of attention and mapped to no LLM token. `image_size`
+  is not read by it.
+  """
+
+  variant: Literal["clip", "siglip", "qwen2_vl"] = "clip"
   image_size: int = 224
   patch_size: int = 14
   num_channels: int = 3
@@ -406,6 +435,17 @@ class VisionConfig:
   activation: str = "quick_gelu"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # Qwen2-VL only (variant="qwen2_vl"):
+  spatial_merge_size: int = 2
+  temporal_patch_size: int = 2
+  min_pixels: int = 56 * 56
+  max_pixels: int = 28 * 28 * 1280
+  rope_theta: float = 10000.0
+
+  @property
+  def native(self) -> bool:
+    """Native resolution (Qwen2-VL): patches + grid instead of a fixed square image."""
+    return self.variant == "qwen2_vl"
 
   @property
   def class_token(self) -> bool:
@@ -420,7 +460,21 @@ class VisionConfig:
     return self.variant == "siglip"
 
   @property
+  def patch_dim(self) -> int:
+    """Values per patch (Qwen2-VL: channels x temporal x patch x patch, HF's order)."""
+    t = self.temporal_patch_size if self.native else 1
+    return self.num_channels * t * self.patch_size ** 2
+
+  @property
+  def max_patches(self) -> int:
+    """Qwen2-VL's patch budget per image: max_pixels / patch^2, whole merge groups."""
+    group = self.spatial_merge_size ** 2
+    return self.max_pixels // self.patch_size ** 2 // group * group
+
+  @property
   def num_patches(self) -> int:
+    if self.native:
+      return self.max_patches
     return (self.image_size // self.patch_size) ** 2
 
   @property
@@ -428,8 +482,11 @@ class VisionConfig:
     return self.num_patches + int(self.class_token)
 
   def validate(self) -> None:
-    if self.variant not in ("clip", "siglip"):
-      raise ConfigError(f"vision.variant={self.variant!r}: expected 'clip' or 'siglip'")
+    if self.variant not in VISION_VARIANTS:
+      raise ConfigError(f"vision.variant={self.variant!r}: expected one of "
+                        f"{', '.join(VISION_VARIANTS)}")
+    if self.native:
+      self._validate_native()
     # Not a multiple is fine: the stride-p VALID conv drops the remainder, as HF does
     # (siglip-so400m-patch14-384: 384 px -> 27 x 27 patches).
     if self.image_size < self.patch_size:
@@ -441,6 +498,23 @@ class VisionConfig:
           f"vision.hidden_size={self.hidden_size} not divisible by "
           f"vision.num_heads={self.num_heads}")
     check_activation(self.activation, "vision.activation")
+
+  def _validate_native(self) -> None:
+    for name in ("spatial_merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"vision.{name}={getattr(self, name)}: expected >= 1")
+    factor = self.patch_size * self.spatial_merge_size
+    if self.max_pixels < factor ** 2:
+      raise ConfigError(f"vision.max_pixels={self.max_pixels}: expected at least one merged "
+                        f"patch, (patch_size x spatial_merge_size)^2 = {factor ** 2}")
+    if self.min_pixels > self.max_pixels:
+      raise ConfigError(f"vision.min_pixels={self.min_pixels} > vision.max_pixels="
+                        f"{self.max_pixels}")
+    if (self.hidden_size // self.num_heads) % 4:
+      raise ConfigError(f"vision head dim {self.hidden_size // self.num_heads} (hidden_size / "
+                        "num_heads): Qwen2-VL's 2D rotary needs a multiple of 4")
+    if not self.rope_theta > 0:
+      raise ConfigError(f"vision.rope_theta={self.rope_theta}: expected > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,7 +560,9 @@ class VLMConfig:
 
   vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
   text: TextConfig = dataclasses.field(default_factory=TextConfig)
-  projector: Literal["linear", "mlp2x_gelu", "perceiver"] = "mlp2x_gelu"
+  # "qwen2_vl_merger": Qwen2-VL's patch merger (LayerNorm, spatial_merge_size^2 patches
+  # concatenated, Linear-GELU-Linear), the projector of a vision.variant="qwen2_vl" tower.
+  projector: Literal["linear", "mlp2x_gelu", "perceiver", "qwen2_vl_merger"] = "mlp2x_gelu"
   # Which hidden state of the vision tower feeds the projector (-2 in LLaVA).
   vision_feature_layer: int = -2
   # "default" drops the first token (CLIP's CLS; MoE-LLaVA also drops SigLIP's token 0),
@@ -500,17 +576,29 @@ class VLMConfig:
 
   @property
   def num_image_tokens(self) -> int:
+    """LLM tokens per image; for Qwen2-VL (native resolution) the most an image may take,
+    its patch budget merged: an image of grid (t, h, w) takes t*h*w / merge^2."""
     if self.projector == "perceiver":
       return self.perceiver.n_latents  # a fixed cost per image, whatever the tower
+    if self.vision.native:
+      return self.vision.max_patches // self.vision.spatial_merge_size ** 2
     n = self.vision.num_positions
     return n - 1 if self.vision_feature_select_strategy == "default" else n
 
   def validate(self) -> None:
     self.vision.validate()
     self.text.validate()
-    if self.projector not in ("linear", "mlp2x_gelu", "perceiver"):
-      raise ConfigError(
-          f"projector={self.projector!r}: expected 'linear', 'mlp2x_gelu' or 'perceiver'")
+    if self.projector not in PROJECTORS:
+      raise ConfigError(f"projector={self.projector!r}: expected one of {', '.join(PROJECTORS)}")
+    if (self.projector == "qwen2_vl_merger") != self.vision.native:
+      raise ConfigError(f"projector={self.projector!r} with vision.variant="
+                        f"{self.vision.variant!r}: the qwen2_vl_merger projector and the "
+                        "qwen2_vl tower go together (the merger reads the tower's merge "
+                        "groups)")
+    if self.vision.native and self.vision_feature_select_strategy != "full":
+      raise ConfigError(f"vision_feature_select_strategy="
+                        f"{self.vision_feature_select_strategy!r}: the qwen2_vl tower has no "
+                        "class token to drop; expected 'full'")
     if self.projector == "perceiver":
       self.perceiver.validate()
     if self.visual_expert is not None:
@@ -533,6 +621,7 @@ class VLMConfig:
           f"(vocab_size={self.text.vocab_size})")
 
 
+PROJECTORS = ("linear", "mlp2x_gelu", "perceiver", "qwen2_vl_merger")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_tanh",

@@ -171,6 +171,9 @@ class KVCache(NamedTuple):
   # Per-sample guidance vectors computed from the prompt at prefill (HyperLLaVA's
   # language expert, Awaker's instance router), reused by every later decode step.
   guides: Optional[dict[str, Array]] = None
+  # M-RoPE (Qwen2-VL): per row [B], the next free position after the prefill minus its
+  # token count; a decoded token's position is its plain one plus this.
+  rope_delta: Optional[Array] = None
 
   @classmethod
   def zeros(cls, shape: Sequence[int], dtype: jnp.dtype) -> KVCache:

@@ -24,6 +24,7 @@ from moe_vlm.models.config import TextConfig
 from moe_vlm.models.layers import (MLP, Attention, Dense, KVCache, LayerCache, Norm, param,
                                    rope_tables, token_matmul)
 from moe_vlm.models.moe import MoE
+from moe_vlm.models.qwen2_vl import mrope_tables
 
 Array = jax.Array
 
@@ -265,6 +266,10 @@ class DecoderLM(nnx.Module):
     attention stays inside each segment, positions restart at 0 in each segment (unless
     `positions` are given), and guidance vectors are per segment (each token gets its
     sample's).
+
+    M-RoPE (`rope_type="mrope"`, Qwen2-VL): `positions` may be [3, B, L] (temporal,
+    height, width rows; `qwen2_vl.rope_index`); [B, L] or the default ones put every
+    token at the same position in the three rows (text).
     """
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     b, l, _ = x.shape
@@ -286,7 +291,11 @@ class DecoderLM(nnx.Module):
       mask = SelfMask(segment_ids=segment_ids.astype(jnp.int32))
     else:
       mask = SelfMask(attention_mask=attention_mask)
-    rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta, num_positions)
+    if self.cfg.rope_type == "mrope":  # Qwen2-VL: positions [3, B, L] (t, h, w) or [B, L]
+      rope = mrope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta,
+                          self.cfg.mrope_section)
+    else:
+      rope = rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta, num_positions)
     wanted = self.cfg.guides()
     if guide_mask is None:
       guide_mask = (attention_mask if cache is None else

@@ -12,6 +12,7 @@ from moe_vlm.models.adapters import HyperExpert
 from moe_vlm.models.config import HyperExpertConfig, VLMConfig
 from moe_vlm.models.layers import Dense, activation
 from moe_vlm.models.perceiver import PerceiverConnector
+from moe_vlm.models.qwen2_vl import PatchMerger
 
 Array = jax.Array
 
@@ -52,8 +53,11 @@ class Projector(nnx.Module):
 
 
 def make_projector(cfg: VLMConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The projector `cfg.projector` names: LLaVA's MLP/linear or IDEFICS2's perceiver."""
+  """The projector `cfg.projector` names: LLaVA's MLP/linear, IDEFICS2's perceiver or
+  Qwen2-VL's patch merger."""
   kw = dict(rngs=rngs, dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype)
+  if cfg.projector == "qwen2_vl_merger":
+    return PatchMerger(cfg.vision, cfg.text.hidden_size, **kw)
   if cfg.projector == "perceiver":
     return PerceiverConnector(cfg.perceiver, cfg.vision.hidden_size, cfg.text.hidden_size,
                               cfg.text.intermediate_size, **kw)

@@ -1,0 +1,348 @@
+"""Qwen2-VL as a model family, against transformers' `Qwen2VLForConditionalGeneration`.
+
+Tiny random PyTorch reference (fp32, eval, no_grad), built once: hidden 32, 2 layers,
+patches of 14 px merged 2x2, a budget of 24 patches (max_pixels = 56 x 84). Checked:
+1. vision tower + patch merger per image, on padded patch budgets (padding changes
+   nothing);
+2. M-RoPE positions (`rope_index`) vs `get_rope_index` for image + text rows, left and
+   right padding, two images in a row, text-only rows;
+3. whole-model logits (image rows of different sizes, a text-only row, right padding);
+4. greedy generation with our KV cache vs transformers' generate (left-padded batch);
+5. import (in-memory and on-disk names), export and a bit-exact round trip;
+6. the image processor (`smart_resize`, min/max pixels, patch layout) vs transformers';
+7. a train step on a Qwen2-VL config: finite loss, sharded == unsharded;
+8. config errors name their field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from moe_vlm.convert import hf, keymap  # noqa: E402
+from moe_vlm.models import qwen2_vl  # noqa: E402
+from moe_vlm.models.config import ConfigError, TextConfig, VisionConfig, VLMConfig  # noqa: E402
+from moe_vlm.models.vlm import VLM, ImageTokenError  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+TOL = 1e-4
+VOCAB = 100
+IMAGE = 99
+MERGE = 2
+MAX_PIXELS = 56 * 84  # 24 patches of 14 px: the budget every image is padded to
+GRIDS = {"wide": (1, 4, 6), "square": (1, 4, 4), "small": (1, 2, 2)}
+
+
+def _hf_config(tie: bool = False) -> transformers.Qwen2VLConfig:
+  return transformers.Qwen2VLConfig(
+      text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "mrope_section": [2, 1, 1]}),
+      vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2,
+                         patch_size=14, spatial_merge_size=MERGE, temporal_patch_size=2),
+      image_token_id=IMAGE, video_token_id=98, vision_start_token_id=97,
+      vision_end_token_id=96, tie_word_embeddings=tie)
+
+
+@dataclasses.dataclass
+class Case:
+  hf_model: torch.nn.Module
+  state: dict[str, np.ndarray]
+  model: VLM
+
+
+@functools.lru_cache(maxsize=None)
+def case(tie: bool = False) -> Case:
+  torch.manual_seed(0)
+  hf_model = transformers.Qwen2VLForConditionalGeneration(_hf_config(tie)).eval()
+  gen = torch.Generator().manual_seed(1 + tie)
+  with torch.no_grad():
+    for name, p in hf_model.named_parameters():
+      scale = 1.0 if name.endswith(("norm.weight", "norm1.weight", "norm2.weight",
+                                    "layernorm.weight", "ln_q.weight")) else 0.0
+      p.copy_(scale + 0.1 * torch.randn(p.shape, generator=gen))
+  state = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+  model = hf.import_qwen2_vl(state, hf_model.config, max_pixels=MAX_PIXELS)
+  return Case(hf_model, state, model)
+
+
+def _maxdiff(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape, (a.shape, b.shape)
+  return float(np.max(np.abs(a - b)))
+
+
+def _patches(grids, seed: int, budget: int = 24, fill: float = 0.0):
+  """Random patches per image: (flat [sum t*h*w, 1176] for HF, padded [N, budget, 1176])."""
+  rng = np.random.RandomState(seed)
+  real = [rng.randn(int(np.prod(g)), 3 * 2 * 14 * 14).astype(np.float32) for g in grids]
+  padded = np.full((len(grids), budget, real[0].shape[1]), fill, np.float32)
+  for i, r in enumerate(real):
+    padded[i, :len(r)] = r
+  return np.concatenate(real), padded
+
+
+# ------------------------------------------------------------------- vision tower
+
+
+def test_config_translation():
+  cfg = case().model.cfg
+  assert cfg.vision.native and cfg.projector == "qwen2_vl_merger"
+  assert cfg.vision.max_patches == 24 and cfg.num_image_tokens == 6
+  assert (cfg.vision.hidden_size, cfg.vision.intermediate_size, cfg.vision.norm_eps) == (32, 64, 1e-6)
+  assert cfg.text.rope_type == "mrope" and cfg.text.mrope_section == (2, 1, 1)
+  assert cfg.text.qkv_bias and not cfg.text.o_bias and not cfg.text.tie_embeddings
+  assert cfg.vision_feature_layer == -1 and cfg.vision_feature_select_strategy == "full"
+
+
+def test_vision_tower_and_merger_match_hf():
+  c = case()
+  grids = np.array(list(GRIDS.values()))
+  flat, padded = _patches(grids, seed=0)
+  with torch.no_grad():
+    out = c.hf_model.model.visual(torch.from_numpy(flat), grid_thw=torch.from_numpy(grids))
+  ref_hidden, ref_merged = out.last_hidden_state.numpy(), out.pooler_output.numpy()
+  hidden = np.asarray(c.model.vision.features(jnp.asarray(padded), grids, -1))
+  merged = np.asarray(c.model.projector(jnp.asarray(hidden)))
+  n, done, done_m = grids.prod(-1), 0, 0
+  for i, k in enumerate(n):
+    assert _maxdiff(hidden[i, :k], ref_hidden[done:done + k]) < TOL, i
+    assert _maxdiff(merged[i, :k // 4], ref_merged[done_m:done_m + k // 4]) < TOL, i
+    done, done_m = done + k, done_m + k // 4
+  # Whatever the padding holds, the real patches' results are the same.
+  _, noisy = _patches(grids, seed=0, fill=3.0)
+  again = np.asarray(c.model.vision.features(jnp.asarray(noisy), grids, -1))
+  for i, k in enumerate(n):
+    assert _maxdiff(again[i, :k], hidden[i, :k]) < 1e-6
+
+
+def test_patch_positions_follow_merge_groups():
+  row, col, seg = qwen2_vl.patch_positions(jnp.asarray([[1, 2, 4]]), 12, 2)
+  # Merge groups of 2x2 are consecutive: (0,0) (0,1) (1,0) (1,1), then (0,2) ...
+  assert np.asarray(row)[0, :8].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+  assert np.asarray(col)[0, :8].tolist() == [0, 1, 0, 1, 2, 3, 2, 3]
+  assert np.asarray(seg)[0].tolist() == [1] * 8 + [0] * 4
+
+
+# ------------------------------------------------------------------------- M-RoPE
+
+
+def _prompt(parts, length: int, left: bool = False):
+  """parts: ints (text tokens) or grids (an image's merged tokens) -> ids, mask."""
+  ids = []
+  rng = np.random.RandomState(len(parts) + length)
+  for p in parts:
+    if isinstance(p, int):
+      ids += rng.randint(0, 90, size=p).tolist()
+    else:
+      ids += [IMAGE] * qwen2_vl.merged_tokens(p, MERGE)
+  assert len(ids) <= length
+  pad = [0] * (length - len(ids))
+  mask = [0] * len(pad) + [1] * len(ids) if left else [1] * len(ids) + [0] * len(pad)
+  return (pad + ids if left else ids + pad), mask
+
+
+def _hf_rope_index(ids, mask, grids):
+  ids, mask = torch.tensor(ids), torch.tensor(mask)
+  types = (ids == IMAGE).int()
+  flat = [g for row in grids for g in row if np.prod(g)]
+  pos, delta = case().hf_model.model.get_rope_index(
+      ids, mm_token_type_ids=types,
+      image_grid_thw=torch.tensor(flat) if flat else None, attention_mask=mask)
+  return pos.numpy(), delta.numpy()[:, 0]
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_rope_index_matches_hf(left):
+  rows = [[3, GRIDS["wide"], 4], [GRIDS["small"], 2, GRIDS["square"], 1], [7],
+          [1, GRIDS["small"]]]
+  prompts = [_prompt(r, 20, left) for r in rows]
+  ids, mask = np.array([p[0] for p in prompts]), np.array([p[1] for p in prompts])
+  grids = [[g for g in r if not isinstance(g, int)] for r in rows]
+  packed = np.zeros((len(rows), 2, 3), np.int32)
+  for b, gs in enumerate(grids):
+    if gs:
+      packed[b, :len(gs)] = gs
+  ref, ref_delta = _hf_rope_index(ids, mask, grids)
+  pos, delta = qwen2_vl.rope_index(jnp.asarray(ids == IMAGE), jnp.asarray(mask),
+                                   jnp.asarray(packed), MERGE)
+  np.testing.assert_array_equal(np.asarray(pos), ref)
+  np.testing.assert_array_equal(np.asarray(delta), ref_delta)
+  assert ref_delta[0] != 0  # the image really shifted the text after it
+
+
+def test_rope_index_restarts_in_each_segment():
+  a, _ = _prompt([2, GRIDS["small"], 3], 6)
+  b, _ = _prompt([1, GRIDS["square"], 2], 7)
+  ids = np.array([a + b + [0] * 3])
+  seg = np.array([[1] * 6 + [2] * 7 + [0] * 3])
+  grid = np.array([[GRIDS["small"], GRIDS["square"]]])
+  pos, _ = qwen2_vl.rope_index(jnp.asarray(ids == IMAGE), jnp.asarray(seg > 0),
+                               jnp.asarray(grid), MERGE, jnp.asarray(seg))
+  alone_a, _ = qwen2_vl.rope_index(jnp.asarray(np.array([a]) == IMAGE), jnp.ones((1, 6)),
+                                   jnp.asarray([GRIDS["small"]]), MERGE)
+  alone_b, _ = qwen2_vl.rope_index(jnp.asarray(np.array([b]) == IMAGE), jnp.ones((1, 7)),
+                                   jnp.asarray([GRIDS["square"]]), MERGE)
+  np.testing.assert_array_equal(np.asarray(pos)[:, 0, :6], np.asarray(alone_a)[:, 0])
+  np.testing.assert_array_equal(np.asarray(pos)[:, 0, 6:13], np.asarray(alone_b)[:, 0])
+
+
+# -------------------------------------------------------------------- whole model
+
+
+def _batch(rows, length: int, left: bool = False, seed: int = 3):
+  """A model batch of rows (parts as in `_prompt`, at most one image each) plus what
+  transformers takes for it."""
+  prompts = [_prompt(r, length, left) for r in rows]
+  ids, mask = np.array([p[0] for p in prompts]), np.array([p[1] for p in prompts])
+  grids = np.zeros((len(rows), 3), np.int32)
+  for b, r in enumerate(rows):
+    for g in r:
+      if not isinstance(g, int):
+        grids[b] = g
+  flat, padded = _patches([g if g.any() else (1, 2, 2) for g in grids], seed)
+  keep = np.concatenate([np.full(int(np.prod(g if g.any() else (1, 2, 2))), g.any())
+                         for g in grids]).astype(bool)
+  hf_kw = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+               mm_token_type_ids=torch.from_numpy((ids == IMAGE).astype(np.int64)),
+               pixel_values=torch.from_numpy(flat[keep]),
+               image_grid_thw=torch.from_numpy(grids[grids.any(-1)]).long())
+  ours = dict(input_ids=jnp.asarray(ids), pixel_values=jnp.asarray(padded),
+              attention_mask=jnp.asarray(mask), image_grid_thw=jnp.asarray(grids))
+  return ours, hf_kw, mask.astype(bool)
+
+
+ROWS = [[3, GRIDS["wide"], 4], [2, GRIDS["square"], 5], [9], [1, GRIDS["small"], 2]]
+
+
+def test_logits_match_hf():
+  c = case()
+  ours, hf_kw, valid = _batch(ROWS, 16)
+  with torch.no_grad():
+    ref = c.hf_model(**hf_kw).logits.numpy()
+  logits, _ = c.model(ours["input_ids"], ours["pixel_values"], ours["attention_mask"],
+                      image_grid_thw=ours["image_grid_thw"])
+  assert _maxdiff(np.asarray(logits)[valid], ref[valid]) < TOL
+
+
+def test_logits_do_not_depend_on_the_patch_budget():
+  """A larger max_pixels only adds padding patches: the real tokens' logits stay."""
+  c = case()
+  ours, _, valid = _batch(ROWS, 16)
+  logits, _ = c.model(ours["input_ids"], ours["pixel_values"], ours["attention_mask"],
+                      image_grid_thw=ours["image_grid_thw"])
+  big_cfg = dataclasses.replace(
+      c.model.cfg, vision=dataclasses.replace(c.model.cfg.vision, max_pixels=56 * 56 * 3))
+  big = hf.import_qwen2_vl(c.state, c.hf_model.config, max_pixels=56 * 56 * 3)
+  assert big.cfg == big_cfg and big_cfg.vision.max_patches == 48
+  px = np.zeros((4, 48, 1176), np.float32)
+  px[:, :24] = np.asarray(ours["pixel_values"])
+  logits2, _ = big(ours["input_ids"], jnp.asarray(px), ours["attention_mask"],
+                   image_grid_thw=ours["image_grid_thw"])
+  assert _maxdiff(np.asarray(logits2)[valid], np.asarray(logits)[valid]) < 1e-5
+
+
+def test_image_token_count_must_match_the_grid():
+  c = case()
+  ours, _, _ = _batch(ROWS, 16)
+  grid = np.asarray(ours["image_grid_thw"]).copy()
+  grid[0] = (1, 4, 4)  # 4 merged tokens, but row 0 holds 6 image tokens
+  with pytest.raises(ImageTokenError, match="row 0 has 6 image tokens"):
+    c.model(ours["input_ids"], ours["pixel_values"], ours["attention_mask"],
+            image_grid_thw=jnp.asarray(grid))
+
+
+def test_tied_embeddings_match_hf():
+  c = case(tie=True)
+  assert c.model.cfg.text.tie_embeddings and c.model.llm.lm_head is None
+  ours, hf_kw, valid = _batch(ROWS[:2], 16)
+  with torch.no_grad():
+    ref = c.hf_model(**hf_kw).logits.numpy()
+  logits, _ = c.model(ours["input_ids"], ours["pixel_values"], ours["attention_mask"],
+                      image_grid_thw=ours["image_grid_thw"])
+  assert _maxdiff(np.asarray(logits)[valid], ref[valid]) < TOL
+
+
+# -------------------------------------------------------------------- conversion
+
+
+def _params(model) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v[...]) for k, v in hf.flat_params(model).items()}
+
+
+def test_export_round_trip_is_exact():
+  c = case()
+  exported = hf.export_weights(c.model, keymap.qwen2_vl_rules(c.model.cfg))
+  assert set(exported) == set(c.state)
+  for k, v in c.state.items():
+    np.testing.assert_array_equal(exported[k], v, err_msg=k)
+
+
+def test_import_pretrained_dir_on_disk_names(tmp_path):
+  """save_pretrained writes `model.*` / `visual.*` / `lm_head`; the budget comes from the
+  directory's image processor."""
+  c = case()
+  c.hf_model.save_pretrained(tmp_path)
+  transformers.Qwen2VLImageProcessor(max_pixels=MAX_PIXELS, min_pixels=28 * 28).save_pretrained(
+      tmp_path)
+  model, cfg = hf.import_pretrained(str(tmp_path))
+  assert (cfg.vision.max_pixels, cfg.vision.min_pixels) == (MAX_PIXELS, 28 * 28)
+  for k, v in _params(c.model).items():
+    np.testing.assert_array_equal(_params(model)[k], v, err_msg=k)
+
+
+def test_loading_is_strict():
+  c = case()
+  missing = {k: v for k, v in c.state.items() if "merger.mlp.2.bias" not in k}
+  with pytest.raises(hf.ConversionError, match="merger.mlp.2.bias"):
+    hf.import_qwen2_vl(missing, c.hf_model.config, max_pixels=MAX_PIXELS)
+  extra = {**c.state, "model.visual.blocks.9.norm1.weight": np.ones(32, np.float32)}
+  with pytest.raises(hf.ConversionError, match="blocks.9"):
+    hf.import_qwen2_vl(extra, c.hf_model.config, max_pixels=MAX_PIXELS)
+
+
+# ------------------------------------------------------------------------ configs
+
+
+def _tiny(**vision) -> VLMConfig:
+  return VLMConfig(
+      vision=VisionConfig(variant="qwen2_vl", hidden_size=32, intermediate_size=64,
+                          num_layers=1, num_heads=4, norm_eps=1e-6, max_pixels=MAX_PIXELS,
+                          **vision),
+      text=TextConfig(family="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=4, num_kv_heads=2, qkv_bias=True,
+                      rope_type="mrope", mrope_section=(2, 1, 1)),
+      projector="qwen2_vl_merger", vision_feature_layer=-1,
+      vision_feature_select_strategy="full", image_token_id=IMAGE)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(projector="mlp2x_gelu"), "projector='mlp2x_gelu'"),
+    (dict(vision_feature_select_strategy="default"), "vision_feature_select_strategy"),
+    (dict(text=dict(mrope_section=(2, 2, 1))), "text.mrope_section"),
+    (dict(text=dict(rope_type="yarn")), "text.rope_type"),
+    (dict(vision=dict(max_pixels=100)), "vision.max_pixels"),
+    (dict(vision=dict(min_pixels=10 ** 7)), "vision.min_pixels"),
+    (dict(vision=dict(num_heads=16)), "head dim"),
+])
+def test_config_errors_name_the_field(change, field):
+  cfg = _tiny()
+  for block in ("text", "vision"):
+    if block in change:
+      change[block] = dataclasses.replace(getattr(cfg, block), **change[block])
+  with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace(")", r"\)")):
+    dataclasses.replace(cfg, **change).validate()
