@@ -36,7 +36,7 @@ from moe_vlm.models.config import TextConfig
 from moe_vlm.models.layers import KVCache
 from moe_vlm.parallel.mesh import constrain
 from moe_vlm.models.params import ParamCodec
-from moe_vlm.models.vlm import ImageTokenError, check_image_tokens
+from moe_vlm.models.vlm import ImageTokenError, check_image_tokens, check_native_image_tokens
 from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.parallel import placement
 
@@ -116,7 +116,8 @@ def decode_step(model, tokens: Array, mask: Array, cache: KVCache) -> tuple[Arra
 
 
 def _run(model, cache: KVCache, mask: Array, input_ids: Array, pixel_values: Optional[Array],
-         rng: Array, knobs: dict[str, Array], router_mask: Optional[Array] = None, *,
+         rng: Array, knobs: dict[str, Array], router_mask: Optional[Array] = None,
+         image_grid_thw: Optional[Array] = None, *,
          max_new_tokens: int, greedy: bool, nucleus: bool,
          return_logits: bool) -> tuple[Array, Optional[Array], KVCache]:
   """Prefill `input_ids` [B, P] at slots cache.index.., then the decode loop.
@@ -125,12 +126,13 @@ def _run(model, cache: KVCache, mask: Array, input_ids: Array, pixel_values: Opt
   the generated slots). Returns (tokens [B, N], logits or None, cache); the last
   generated token is not fed back, so the cache ends at index + P + steps - 1.
   `router_mask` [B, P]: the prompt's router span (Awaker's instance router).
+  `image_grid_thw`: Qwen2-VL's image grids (with its patches in `pixel_values`).
   """
   b = input_ids.shape[0]
   n = max_new_tokens
   cache = cache._replace(k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
   logits, _, cache = model(input_ids, pixel_values, mask, dispatch="dropless", cache=cache,
-                           router_mask=router_mask)
+                           router_mask=router_mask, image_grid_thw=image_grid_thw)
   logits = logits[:, -1]  # left padding: every row's last prompt token is at P - 1
   stop, pad = knobs["stop"], knobs["pad"]
 
@@ -170,24 +172,26 @@ _STATIC = ("max_new_tokens", "greedy", "nucleus", "return_logits")
 
 @nnx.jit(static_argnames=_STATIC)
 def _generate(model, input_ids, attention_mask, pixel_values, rng, knobs, router_mask=None,
-              **static):
+              image_grid_thw=None, **static):
   """Fresh cache of P + max_new_tokens slots -> (tokens, logits or None)."""
   b, p = input_ids.shape
   length = p + static["max_new_tokens"]
   cache = init_cache(model.cfg.text, b, length)
   tokens, seen, _ = _run(model, cache, cache_mask(attention_mask, length), input_ids,
-                         pixel_values, rng, knobs, router_mask, **static)
+                         pixel_values, rng, knobs, router_mask, image_grid_thw, **static)
   return tokens, seen
 
 
 @nnx.jit(static_argnames=_STATIC, donate_argnames=("cache",))
-def _extend(model, cache, mask, input_ids, pixel_values, rng, knobs, **static):
+def _extend(model, cache, mask, input_ids, pixel_values, rng, knobs, image_grid_thw=None,
+            **static):
   """Continues a cache that already holds earlier turns -> (tokens, logits, cache)."""
-  return _run(model, cache, mask, input_ids, pixel_values, rng, knobs, **static)
+  return _run(model, cache, mask, input_ids, pixel_values, rng, knobs, None, image_grid_thw,
+              **static)
 
 
 def _check_inputs(model, input_ids: np.ndarray, attention_mask: np.ndarray,
-                  pixel_values: Any) -> None:
+                  pixel_values: Any, image_grid_thw: Any = None) -> None:
   """Host-side checks that would otherwise fail silently inside the compiled program."""
   if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
     raise ValueError(f"input_ids {input_ids.shape} and attention_mask "
@@ -197,7 +201,12 @@ def _check_inputs(model, input_ids: np.ndarray, attention_mask: np.ndarray,
     raise ValueError(f"rows {ends_padded.tolist()} end with padding: prompts must be "
                      "left-padded (see `left_pad`)")
   cfg = model.cfg
-  check_image_tokens(input_ids, cfg.image_token_id, cfg.num_image_tokens)
+  if cfg.vision.native:  # Qwen2-VL: as many image tokens as the grid's merged patches
+    check_native_image_tokens(input_ids, cfg.image_token_id,
+                              None if pixel_values is None else image_grid_thw,
+                              cfg.vision.spatial_merge_size)
+  else:
+    check_image_tokens(input_ids, cfg.image_token_id, cfg.num_image_tokens)
   if pixel_values is None and np.any(input_ids == cfg.image_token_id):
     raise ImageTokenError("input_ids contain image tokens but pixel_values is None")
 
@@ -227,13 +236,14 @@ def _static(config: GenerationConfig, return_logits: bool) -> dict[str, Any]:
 def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = None,
              config: Optional[GenerationConfig] = None, *, rng: Optional[Array] = None,
              return_logits: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
-             router_mask: Any = None, **overrides: Any):
+             router_mask: Any = None, image_grid_thw: Any = None, **overrides: Any):
   """Generates up to max_new_tokens per row with a KV cache.
 
   Args:
     model: a `VLM` (with `mesh`: placed by `shard_model`).
     input_ids, attention_mask: [B, P] LEFT-padded prompts (image placeholders expanded).
-    pixel_values: [B, H, W, 3] row-aligned images, or None for text-only prompts.
+    pixel_values: [B, H, W, 3] row-aligned images, or None for text-only prompts (Qwen2-VL:
+      patches [B, max_patches, patch_dim], `data.images.qwen2_vl_patches`).
     config: decoding settings; keyword `overrides` replace its fields, e.g.
       `generate(model, ids, mask, px, max_new_tokens=32, eos_ids=(2,))`.
     rng: PRNG key for sampling (temperature > 0); fixed key -> same tokens.
@@ -243,6 +253,8 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
     router_mask: [B, P] left-padded like the prompts: the span Awaker's instance router
       averages over (`templates.encode_prompt(..., with_router_mask=True)`); None: the
       whole prompt.
+    image_grid_thw: Qwen2-VL, each row's image grid [B, 3] (zeros: no image); M-RoPE
+      positions follow it at prefill and continue past the prompt while decoding.
 
   Returns:
     tokens [B, max_new_tokens] int32: a row's stop token is kept, then pad_id follows.
@@ -251,7 +263,8 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
   """
   config = dataclasses.replace(config or GenerationConfig(), **overrides)
   ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
-  _check_inputs(model, ids, mask, pixel_values)
+  grid = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int32)
+  _check_inputs(model, ids, mask, pixel_values, grid)
   rng = jax.random.key(0) if rng is None else rng
   pixels = None if pixel_values is None else np.asarray(pixel_values, np.float32)
   if mesh is not None:
@@ -260,7 +273,7 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
     span = None if router_mask is None else _place(np.asarray(router_mask, np.int32), mesh)
     tokens, logits = _generate(model, _place(ids, mesh), _place(mask, mesh),
                                _place(pixels, mesh), rng, config.knobs(), span,
-                               **_static(config, return_logits))
+                               _place(grid, mesh), **_static(config, return_logits))
   if mesh is not None and not tokens.is_fully_addressable:
     # Rows split over other processes' devices: every process gets all of them (small).
     tokens = placement.host_value(tokens)
@@ -270,13 +283,16 @@ def generate(model, input_ids: Any, attention_mask: Any, pixel_values: Any = Non
 
 def extend(model, cache: KVCache, slot_mask: np.ndarray, input_ids: np.ndarray,
            pixel_values: Optional[np.ndarray], config: GenerationConfig, *,
-           rng: Array, return_logits: bool = False) -> tuple[Array, Optional[Array], KVCache]:
+           rng: Array, return_logits: bool = False, image_grid_thw: Optional[np.ndarray] = None
+           ) -> tuple[Array, Optional[Array], KVCache]:
   """`generate` on a cache that already holds earlier tokens (multi-turn chat).
 
   input_ids [B, P] are written at slots cache.index..; `slot_mask` [B, T] marks every
   valid slot (earlier turns, this prompt, and the next max_new_tokens slots); the cache
   must have room for P + max_new_tokens more slots. It is donated: use the returned one,
   whose index is past the last token fed (every generated token except the last).
+  Qwen2-VL (M-RoPE): an image belongs to the call that starts the cache (slot 0), with
+  its `image_grid_thw`; later calls are text, positioned after it.
   """
   ids = np.asarray(input_ids, np.int32)
   need = int(cache.index) + ids.shape[1] + config.max_new_tokens
@@ -286,7 +302,9 @@ def extend(model, cache: KVCache, slot_mask: np.ndarray, input_ids: np.ndarray,
     raise ValueError(f"slot_mask {slot_mask.shape}: expected {(ids.shape[0], cache.length)}")
   return _extend(model, cache, jnp.asarray(slot_mask, jnp.int32), jnp.asarray(ids),
                  None if pixel_values is None else jnp.asarray(pixel_values), rng,
-                 config.knobs(), **_static(config, return_logits))
+                 config.knobs(),
+                 None if image_grid_thw is None else jnp.asarray(image_grid_thw, jnp.int32),
+                 **_static(config, return_logits))
 
 
 def until_stop(tokens: Any, eos_ids: Iterable[int]) -> list[list[int]]:
@@ -314,11 +332,14 @@ def left_pad(prompts: Sequence[np.ndarray], pad_id: int, length: int) -> tuple[n
 def greedy_generate(model, prompts: Sequence[np.ndarray], pixels: np.ndarray, *, pad_id: int,
                     eos_id: int, max_new_tokens: int, prompt_length: int,
                     mesh: Optional[jax.sharding.Mesh] = None,
-                    router_masks: Optional[Sequence[np.ndarray]] = None) -> list[list[int]]:
+                    router_masks: Optional[Sequence[np.ndarray]] = None,
+                    image_grid_thw: Optional[np.ndarray] = None) -> list[list[int]]:
   """New tokens per prompt (up to, excluding, eos). `pixels` [B, H, W, 3] row-aligned;
-  `router_masks` the prompts' router spans (see `generate`)."""
+  `router_masks` the prompts' router spans, `image_grid_thw` Qwen2-VL's grids (see
+  `generate`)."""
   ids, mask = left_pad(prompts, pad_id, prompt_length)
   span = None if router_masks is None else left_pad(router_masks, 0, prompt_length)[0]
   tokens = generate(model, ids, mask, pixels, max_new_tokens=max_new_tokens,
-                    eos_ids=(eos_id,), pad_id=eos_id, mesh=mesh, router_mask=span)
+                    eos_ids=(eos_id,), pad_id=eos_id, mesh=mesh, router_mask=span,
+                    image_grid_thw=image_grid_thw)
   return until_stop(tokens, (eos_id,))
