@@ -386,3 +386,28 @@ def test_kv_cache_decoding_equals_recomputation():
   full, _ = c.model(jnp.asarray(ids), ours["pixel_values"], jnp.asarray(mask),
                     image_grid_thw=ours["image_grid_thw"])
   assert _maxdiff(np.asarray(logits)[:, 1:], np.asarray(full)[:, 16:19]) < 1e-5
+
+
+def test_export_directory_loads_in_transformers_and_back(tmp_path):
+  """Our export is a Qwen2VLForConditionalGeneration directory: transformers loads it
+  strictly and computes the same logits; importing it back is bit-exact, and its image
+  processor carries the pixel budget."""
+  from moe_vlm.convert import export
+
+  c = case()
+  assert export.resolve_layout(c.model.cfg) == "qwen2_vl"
+  out = tmp_path / "export"
+  assert export.export_vlm(c.model, str(out)) == "qwen2_vl"
+  loaded, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+      out, output_loading_info=True)
+  assert not any(info.values()), info
+  for k, v in loaded.state_dict().items():
+    np.testing.assert_array_equal(v.numpy(), c.state[k], err_msg=k)
+  processor = transformers.AutoImageProcessor.from_pretrained(out)
+  assert processor.size["longest_edge"] == MAX_PIXELS and processor.merge_size == MERGE
+  back = export.import_vlm(str(out))
+  assert back.cfg == c.model.cfg
+  for k, v in _params(c.model).items():
+    np.testing.assert_array_equal(_params(back)[k], v, err_msg=k)
+  with pytest.raises(ConfigError, match="layout='qwen2_vl'"):
+    export.resolve_layout(c.model.cfg, "llava")

@@ -13,7 +13,10 @@ Two layouts:
   MoE-LLaVA repository's model classes load it; its vision tower is written to
   `image_tower/`, a plain CLIP/SigLIP vision-model directory that `mm_image_tower` names,
   because those classes load the tower from that path, not from the checkpoint.
-"auto" takes "llava" whenever transformers can express the model, else "moe_llava".
+- "qwen2_vl": a `Qwen2VLForConditionalGeneration` directory (a Qwen2-VL model of ours:
+  `vision.variant="qwen2_vl"`), with its `Qwen2VLImageProcessor` (the pixel budget).
+"auto" takes "qwen2_vl" for a Qwen2-VL model; else "llava" whenever transformers can
+express the model, else "moe_llava".
 
 Tensors are written with numpy + safetensors (no torch needed) in the on-disk layout that
 transformers 5 `save_pretrained` writes: `language_model.model.*`, `language_model.lm_head`,
@@ -48,7 +51,7 @@ from moe_vlm.parallel import placement
 
 log = logging.getLogger("moe_vlm")
 
-LAYOUTS = ("auto", "llava", "moe_llava")
+LAYOUTS = ("auto", "llava", "moe_llava", "qwen2_vl")
 # A converted checkpoint's layout belongs to moe_vlm.experiment (params/, tokenizer/, ...).
 CONFIG_FILE, PROCESSOR_FILE = experiment.CKPT_CONFIG, experiment.CKPT_PROCESSOR
 IMAGE_TOWER_DIR = "image_tower"
@@ -94,6 +97,8 @@ def _architecture(cfg: VLMConfig) -> VLMConfig:
   text = dataclasses.replace(t, family=family, head_dim=t.dim_per_head, dtype="float32",
                              param_dtype="float32", remat="none", moe=moe)
   vision = dataclasses.replace(cfg.vision, dtype="float32", param_dtype="float32")
+  if vision.native:  # Qwen2-VL's tower reads no image_size (its budget is max_pixels)
+    vision = dataclasses.replace(vision, image_size=VisionConfig.image_size)
   return dataclasses.replace(cfg, text=text, vision=vision)
 
 
@@ -103,8 +108,16 @@ def _architecture(cfg: VLMConfig) -> VLMConfig:
 def resolve_layout(cfg: VLMConfig, layout: str = "auto") -> str:
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+  if layout == "qwen2_vl" and not cfg.vision.native:
+    raise ConfigError(f"layout='qwen2_vl' needs a qwen2_vl vision tower, got vision.variant="
+                      f"{cfg.vision.variant!r}")
+  if cfg.vision.native and layout not in ("auto", "qwen2_vl"):
+    raise ConfigError(f"layout={layout!r}: a Qwen2-VL model (vision.variant='qwen2_vl') "
+                      "exports as layout='qwen2_vl'")
   if layout != "auto":
     return layout
+  if cfg.vision.native:
+    return "qwen2_vl"
   try:
     hf.vlm_config_to_hf(cfg)
     return "llava"
@@ -367,7 +380,9 @@ def export_params(get: Source, cfg: VLMConfig, out_dir: str, *, layout: str = "a
   layout = resolve_layout(cfg, source.layout if layout == "auto" and source else layout)
   final = os.path.abspath(out_dir)
   with files.output_dir(final, overwrite=overwrite) as tmp:
-    if layout == "llava":
+    if layout == "qwen2_vl":
+      _export_qwen2_vl(get, cfg, tmp, tokenizer, normalization, dtype, max_shard_bytes)
+    elif layout == "llava":
       tok = None if tokenizer is None else prepare_tokenizer(tokenizer, cfg)
       _export_llava(get, cfg, tmp, tok, normalization, dtype, drop_lm_head_bias,
                     max_shard_bytes)
@@ -405,6 +420,67 @@ def _export_llava(get: Source, cfg: VLMConfig, out_dir: str, tok: Any,
       vision_feature_select_strategy=cfg.vision_feature_select_strategy,
       image_token=IMAGE_TOKEN, num_additional_image_tokens=int(cfg.vision.class_token),
   ).save_pretrained(out_dir)
+
+
+_QWEN2_VL_MEMORY_TO_DISK = tuple((mem, disk) for disk, mem in hf._QWEN2_VL_DISK_PREFIXES)  # pylint: disable=protected-access
+
+
+def qwen2_vl_tensors(get: Source, cfg: VLMConfig) -> Iterator[tuple[str, np.ndarray]]:
+  """The tensors of `Qwen2VLForConditionalGeneration.save_pretrained`, by on-disk name
+  (`model.*` decoder, `visual.*` tower and merger, `lm_head`), one at a time."""
+  for key, value in hf.export_tensors(get, keymap.qwen2_vl_rules(cfg)):
+    yield next(iter(hf.rename_prefixes({key: value}, _QWEN2_VL_MEMORY_TO_DISK).items()))
+
+
+def qwen2_vl_image_processor(vision: VisionConfig, normalization: Optional[str] = None):
+  """transformers' Qwen2VLImageProcessor of our patch transform (`data.images`): the
+  pixel budget, patch, merge and temporal sizes and the mean/std (default CLIP's, which
+  Qwen2-VL uses)."""
+  import transformers
+  from moe_vlm.data import images as images_lib
+
+  norm = images_lib.get_normalization(normalization or "clip")
+  return transformers.Qwen2VLImageProcessor(
+      min_pixels=vision.min_pixels, max_pixels=vision.max_pixels,
+      patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+      temporal_patch_size=vision.temporal_patch_size, image_mean=list(norm.mean),
+      image_std=list(norm.std))
+
+
+def _export_qwen2_vl(get: Source, cfg: VLMConfig, out_dir: str, tokenizer: Any,
+                     normalization: Optional[str], dtype: Optional[str],
+                     max_shard_bytes: int) -> None:
+  """A directory `Qwen2VLForConditionalGeneration.from_pretrained` loads (no remote code).
+  The tokenizer is saved as it is: with Qwen2-VL's own (`<|image_pad|>` = the image id)
+  a `Qwen2VLProcessor` is written too, which expands images to their merged-patch count."""
+  write_safetensors(_cast(qwen2_vl_tensors(get, cfg), dtype), out_dir, max_shard_bytes)
+  if jax.process_index() != 0:
+    return
+  import transformers
+  from moe_vlm.data import tokenizer as tokenizer_lib
+
+  tok = tokenizer
+  if isinstance(tokenizer, (str, os.PathLike)):
+    tok = tokenizer_lib.load_tokenizer(os.fspath(tokenizer))
+  hf_config = hf.qwen2_vl_config_to_hf(cfg, **_token_ids(tok))
+  hf_config.architectures = ["Qwen2VLForConditionalGeneration"]
+  hf_config.dtype = dtype or cfg.text.param_dtype
+  hf_config.save_pretrained(out_dir)
+  processor = qwen2_vl_image_processor(cfg.vision, normalization)
+  processor.save_pretrained(out_dir)
+  if tok is None:
+    return
+  ids = _token_ids(tok)
+  if ids:
+    transformers.GenerationConfig(**ids).save_pretrained(out_dir)
+  if tok.get_vocab().get("<|image_pad|>") == cfg.image_token_id:
+    transformers.Qwen2VLProcessor(image_processor=processor, tokenizer=tok).save_pretrained(
+        out_dir)
+  else:
+    log.info("the tokenizer has no <|image_pad|> at the image id %d: saved without a "
+             "Qwen2VLProcessor (expand each image to its merged-patch count of id %d)",
+             cfg.image_token_id, cfg.image_token_id)
+    tok.save_pretrained(out_dir)
 
 
 # MoE-LLaVA's names per family: (model_type suffix, class-name part), see its
@@ -626,7 +702,13 @@ def import_with_source(path: str, *, dtype: str = "float32",
     raw = json.load(f)
   mt = raw.get("model_type", "")
   source = None
-  if mt == "llava":
+  if mt == "qwen2_vl":
+    state = hf.canonical_qwen2_vl_keys(hf.load_safetensors(path))
+    derived = hf.qwen2_vl_config_from_hf(hf.load_hf_config(path), dtype,
+                                         **hf.pixel_budget(path))
+    rules = keymap.qwen2_vl_rules
+    ignore = []
+  elif mt == "llava":
     state = hf.fuse_unfused_experts(hf.canonical_llava_keys(hf.load_safetensors(path)))
     derived = hf.vlm_config_from_hf(hf.load_hf_config(path), dtype)
     vprefix = hf._vision_prefix(state, "model.vision_tower.")  # pylint: disable=protected-access
@@ -643,15 +725,15 @@ def import_with_source(path: str, *, dtype: str = "float32",
     # checkpoint is not read when the tower comes from a directory.
     ignore = [f"{vprefix}head."] + ([] if copy_used else list(released.TOWER_COPIES))
   else:
-    raise ConversionError(f"{path}: model_type={mt!r}; expected 'llava' or MoE-LLaVA's "
-                          "'moe_llava_<family>' / 'llava_<family>'")
+    raise ConversionError(f"{path}: model_type={mt!r}; expected 'llava', 'qwen2_vl' or "
+                          "MoE-LLaVA's 'moe_llava_<family>' / 'llava_<family>'")
   cfg = _prefer_saved(os.path.join(path, CONFIG_FILE), derived)
   if cfg.text.tie_embeddings:
     ignore.append("lm_head.")
   # Built abstractly and filled by the strict loader: no random init to throw away.
   model = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0)))
   hf.load_weights(model, state, rules(cfg), ignore)
-  if mt != "llava":
+  if mt not in ("llava", "qwen2_vl"):
     used = keymap.hf_keys(rules(cfg))
     disk = {k: v for k, v in state.items() if not k.startswith("image_tower.")}
     source = released.SourceRecord(
