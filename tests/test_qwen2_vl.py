@@ -411,3 +411,43 @@ def test_export_directory_loads_in_transformers_and_back(tmp_path):
     np.testing.assert_array_equal(_params(back)[k], v, err_msg=k)
   with pytest.raises(ConfigError, match="layout='qwen2_vl'"):
     export.resolve_layout(c.model.cfg, "llava")
+
+
+# ---------------------------------------------------------------- image processor
+
+
+@pytest.mark.parametrize("size", [(50, 70), (28, 300), (100, 100), (12, 20), (700, 90)])
+def test_image_patches_match_transformers_processor(size):
+  """smart_resize, min/max pixels, bicubic, CLIP mean/std and the patch layout equal
+  transformers' Qwen2-VL processor; the patches fill the first t*h*w budget slots."""
+  from PIL import Image
+
+  from moe_vlm.data import images
+
+  h, w = size
+  pixels = np.random.RandomState(h * w).randint(0, 256, (h, w, 3)).astype(np.uint8)
+  image = Image.fromarray(pixels)
+  cfg = images.PatchConfig(min_pixels=28 * 28 * 2, max_pixels=56 * 56 * 4)
+  ref = transformers.Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels,
+                                              max_pixels=cfg.max_pixels)(image)
+  patches, grid = images.qwen2_vl_patches(image, cfg)
+  want_grid = np.asarray(ref["image_grid_thw"])[0]
+  np.testing.assert_array_equal(grid, want_grid)
+  n = int(np.prod(grid))
+  assert patches.shape == (cfg.max_patches, cfg.patch_dim) == (64, 1176)
+  assert _maxdiff(patches[:n], np.asarray(ref["pixel_values"])) < 1e-5
+  assert not patches[n:].any()
+  assert cfg.num_tokens(h, w) == n // 4
+  assert images.image_size_of(image) == (h, w)
+
+
+def test_extreme_aspect_ratio_is_cut_to_the_budget():
+  """smart_resize keeps one merged patch on the short side even past max_pixels; we then
+  shorten the long side so the image still fits the static patch budget."""
+  from moe_vlm.data import images
+
+  cfg = images.PatchConfig(min_pixels=28 * 28, max_pixels=56 * 56)
+  assert images.smart_resize(28, 5000, 28, cfg.min_pixels, cfg.max_pixels) == (28, 728)
+  assert cfg.grid(28, 5000) == (1, 2, 8) and cfg.max_patches == 16
+  with pytest.raises(images.UnreadableImageError, match="aspect"):
+    cfg.grid(10, 2500)
