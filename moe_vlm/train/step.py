@@ -30,7 +30,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
 PACKED_INPUTS = ("segment_ids",)
 # The span Awaker's instance router averages over (`data.templates`: the first user
 # turn's content); batches without it route on the prompt (`adapters.prompt_mask`).
-OPTIONAL_INPUTS = ("router_mask",)
+# Qwen2-VL batches carry each image's patch grid [B, 3] ([B, M, 3] packed).
+OPTIONAL_INPUTS = ("router_mask", "image_grid_thw")
 
 
 def model_inputs(batch: Mapping[str, Any]) -> tuple[str, ...]:
@@ -197,7 +198,7 @@ def make_loss_fn(codec: ParamCodec, cfg: StepConfig):
     hidden, aux = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                         train=True, dispatch=cfg.dispatch, rng=rng, guide_mask=guide,
                         router_mask=batch.get("router_mask"), segment_ids=segment_ids,
-                        return_hidden=True)
+                        image_grid_thw=batch.get("image_grid_thw"), return_hidden=True)
     head_fn, head_params = model.llm.head_fn()
     ce_sum, n, head_full = answer_loss(head_fn, head_params, hidden, batch["input_ids"],
                                        batch["loss_mask"],
