@@ -3,12 +3,11 @@
   moe-vlm train --config configs/awaker.py --workdir gs://bucket/awaker \
       --config.init.hf_llava=/ckpt/Qwen2-VL-7B-Instruct --config.data.dir=/data/awaker
 
-NOT RUNNABLE YET: the base model is Qwen2-VL (a ViT with 2D rotary positions at native
-resolution, 2x2 patches merged into one LLM token, M-RoPE in the LLM), which this
-project does not implement yet. The run stops before anything trains, naming that
-(`experiment.UNSUPPORTED_VLMS`, raised while building the model config from
-`init.hf_llava`). The same recipe runs today on the LLaVA-style model:
-`configs/variants.py:awaker`.
+The base model is Qwen2-VL (`moe_vlm.models.qwen2_vl`: a ViT with 2D rotary positions at
+native resolution on a patch budget, `model.vision.max_pixels`; 2x2 patches merged into
+one LLM token; M-RoPE in the LLM), read from `init.hf_llava` (config.json + safetensors)
+with its own tokenizer (`<|image_pad|>` is the image id). The same recipe runs on the
+LLaVA-style synthetic model: `configs/variants.py:awaker`.
 
 The recipe, as the trainer's three stages on the frozen base (`train.stages`):
 

@@ -75,6 +75,10 @@ def ensure_image_token(tokenizer: Any, vocab_size: int) -> int:
   return token
 
 
+# Qwen2-VL's image placeholder token in its tokenizer.
+QWEN2_VL_IMAGE = "<|image_pad|>"
+
+
 def _from_checkpoint(block: str, ours: Any, theirs: Any, path: str) -> Any:
   """The checkpoint's architecture with our execution fields; an architecture field set
   in the experiment config (not its default) would be silently ignored: refuse it."""
@@ -90,15 +94,6 @@ def _from_checkpoint(block: str, ours: Any, theirs: Any, path: str) -> Any:
   return dataclasses.replace(theirs, **{f: getattr(ours, f) for f in execution})
 
 
-# VLM families a config may name (configs/awaker.py) before the model supports them.
-UNSUPPORTED_VLMS = {
-    "qwen2_vl": "Qwen2-VL (Awaker2.5-VL's base: a ViT with 2D rotary positions at native "
-                "resolution, a 2x2 patch merger and M-RoPE in the LLM) is not supported yet; "
-                "configs/variants.py:awaker runs the same LoRA recipe on the LLaVA-style "
-                "model meanwhile",
-}
-
-
 def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLMConfig:
   """The dense (stage 1-2) model config. Parts loaded from HF checkpoints (`init`) take
   their architecture from the checkpoint's config.json; otherwise `model` says it.
@@ -110,13 +105,8 @@ def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLM
   # A checkpoint of the whole VLM (a LLaVA directory, or a converted checkpoint of ours)
   # fixes every architecture field; the config keeps only the execution ones.
   whole, whole_path = None, s.init.hf_llava or s.init.ckpt
-  if s.init.hf_llava:
-    theirs = hf.load_hf_config(s.init.hf_llava)
-    family = getattr(theirs, "model_type", None)
-    if family in UNSUPPORTED_VLMS:
-      raise ConfigError(f"init.hf_llava={s.init.hf_llava}: a {family} checkpoint; "
-                        f"{UNSUPPORTED_VLMS[family]}")
-    whole = hf.vlm_config_from_hf(theirs)
+  if s.init.hf_llava:  # a LlavaForConditionalGeneration or Qwen2-VL directory
+    whole = hf.vlm_config_from_hf(hf.load_hf_config(s.init.hf_llava))
   elif s.init.ckpt:
     whole = converted_config(s.init.ckpt)
   if whole is not None:
@@ -153,6 +143,11 @@ def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLM
     if theirs is not None and theirs != image_token_id:
       raise ConfigError(f"the tokenizer maps <image> to {theirs} but {s.init.ckpt} uses "
                         f"{image_token_id}: set data.tokenizer to the checkpoint's tokenizer")
+  elif whole is not None and whole.vision.native and (
+      tokenizer.get_vocab().get(QWEN2_VL_IMAGE) == whole.image_token_id):
+    # Qwen2-VL's own tokenizer: its <|image_pad|> is the image id (the templates expand
+    # `<image>` to image ids themselves, the tokenizer never sees it).
+    image_token_id = whole.image_token_id
   else:
     image_token_id = ensure_image_token(tokenizer, text.vocab_size)
   if s.init.hf_llava and image_token_id != whole.image_token_id:

@@ -88,7 +88,7 @@ class ModelSettings:
 
   vision: VisionConfig = VisionConfig()
   text: TextConfig = TextConfig()
-  projector: Literal["linear", "mlp2x_gelu", "perceiver"] = "mlp2x_gelu"
+  projector: Literal["linear", "mlp2x_gelu", "perceiver", "qwen2_vl_merger"] = "mlp2x_gelu"
   vision_feature_layer: int = -2
   vision_feature_select_strategy: Literal["default", "full"] = "default"
   perceiver: Optional[PerceiverConfig] = None
@@ -100,7 +100,8 @@ class ModelSettings:
 EXECUTION_FIELDS = {
     "text": ("dtype", "param_dtype", "remat", "attention_causal_blocks", "attention_impl",
              "attention_block_size", "language_expert"),
-    "vision": ("dtype", "param_dtype"),
+    # Qwen2-VL's pixel budget is the run's choice, not the checkpoint's.
+    "vision": ("dtype", "param_dtype", "min_pixels", "max_pixels"),
 }
 # Blocks of the experiment that live elsewhere in the model config.
 _TEXT_EXCLUDED = ("moe", "lora_moe")

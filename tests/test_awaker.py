@@ -667,9 +667,10 @@ def test_three_stage_recipe_on_the_trainer(tmp_path):
              if lora(n) and n.endswith("_b") and ".lora_mlp." in n)
 
 
-def test_qwen2_vl_config_fails_with_a_clear_message(tmp_path, chat_tokenizer):
-  """configs/awaker.py parses; its base (Qwen2-VL) is named as not supported yet."""
-  import json
+def test_awaker_config_builds_on_a_qwen2_vl_checkpoint(tmp_path, chat_tokenizer):
+  """configs/awaker.py parses, and builds its model on a Qwen2-VL checkpoint's config
+  (a tiny one here): the qwen2_vl tower and merger, M-RoPE, the stage presets' LoRA."""
+  import transformers
   from configs import awaker
   from moe_vlm import experiment, schema
   c = awaker.get_config()
@@ -677,7 +678,18 @@ def test_qwen2_vl_config_fails_with_a_clear_message(tmp_path, chat_tokenizer):
   assert (s.lora_moe.rank, s.lora_moe.alpha, s.lora_moe.dropout) == (256, 512.0, 0.05)
   assert s.lora_moe.targets == ("qkv", "attn_out", "mlp") and s.lora_moe.top_k == 1
   assert [s.stages.get(k).train for k in (1, 2, 3)] == list(STAGE_PRESETS)
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+  image = experiment.ensure_image_token(chat_tokenizer, 512)
+  transformers.Qwen2VLConfig(
+      text_config=dict(vocab_size=512, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                        "mrope_section": [2, 1, 1]}),
+      vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2),
+      image_token_id=image).save_pretrained(tmp_path)
   c.init.hf_llava = str(tmp_path)
-  with pytest.raises(ConfigError, match="Qwen2-VL .* not supported yet"):
-    experiment.model_config(c, chat_tokenizer)
+  dense = experiment.model_config(c, chat_tokenizer)
+  assert dense.vision.native and dense.projector == "qwen2_vl_merger"
+  assert dense.text.rope_type == "mrope" and dense.image_token_id == image
+  assert dense.text.dtype == "bfloat16" and dense.text.remat == "full"
+  assert experiment.stage_model_config(c, dense, 1).text.lora_moe.single
+  assert not experiment.stage_model_config(c, dense, 2).text.lora_moe.single

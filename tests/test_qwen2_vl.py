@@ -503,3 +503,92 @@ def test_train_step_runs_and_sharded_equals_unsharded():
   np.testing.assert_allclose(m["loss"], ref["loss"], atol=1e-5)
   for k in ref_state.params:
     np.testing.assert_allclose(state.params[k], ref_state.params[k], atol=1e-5, err_msg=k)
+
+
+# ------------------------------------------------------------------- data pipeline
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  from moe_vlm.data import tokenizer as tokenizer_lib
+
+  corpus = ["What colour is the square?", "The square is red.", "A blue circle."] * 20
+  return tokenizer_lib.train_tokenizer(corpus, str(tmp_path_factory.mktemp("tok")),
+                                       vocab_size=300)
+
+
+def _preprocess_config(tokenizer, cfg: VLMConfig, max_length: int = 48):
+  from moe_vlm.data import images, pipeline
+
+  return pipeline.PreprocessConfig(
+      template="plain", max_length=max_length, num_image_tokens=cfg.num_image_tokens,
+      image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+      image_size=cfg.vision.image_size, patches=images.PatchConfig.of(cfg.vision))
+
+
+def _record(tmp_path, name: str, size) -> dict:
+  from PIL import Image
+
+  path = tmp_path / f"{name}.png"
+  Image.fromarray(np.random.RandomState(sum(size)).randint(
+      0, 256, size + (3,)).astype(np.uint8)).save(path)
+  return {"id": name, "image": str(path),
+          "conversations": [{"from": "human", "value": "<image>\nWhat colour is the square?"},
+                            {"from": "gpt", "value": "The square is red."}]}
+
+
+def test_pipeline_expands_each_image_to_its_merged_patch_count(tmp_path, tokenizer):
+  """`<image>` becomes as many image ids as the image has merged patches; the patches
+  fill the budget's first slots; the packer's lengths (read from the image header)
+  agree; text-only and bad rows carry zero grids of the same shapes."""
+  from moe_vlm.data import pipeline
+
+  cfg = _tiny()
+  pc = _preprocess_config(tokenizer, cfg)
+  image_id = pc.image_token_id
+  for name, size, grid in (("wide", (60, 90), (1, 4, 6)), ("small", (20, 20), (1, 4, 4))):
+    rec = _record(tmp_path, name, size)
+    ex = pipeline.preprocess(rec, tokenizer, pc)
+    assert int(ex["ok"]) == 1 and tuple(ex["image_grid_thw"]) == grid, name
+    n = int(np.prod(grid)) // 4
+    assert int(np.sum(ex["input_ids"] == image_id)) == n
+    assert ex["pixel_values"].shape == (24, 1176)
+    assert ex["pixel_values"][:np.prod(grid)].any() and not ex["pixel_values"][np.prod(grid):].any()
+    assert pipeline.text_length(rec, tokenizer, pc) == (int(ex["attention_mask"].sum()), True)
+  text = pipeline.preprocess({"id": "t", "conversations": [
+      {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "red"}]}, tokenizer, pc)
+  missing = pipeline.preprocess({**_record(tmp_path, "x", (28, 28)), "image": "/no/such.png"},
+                                tokenizer, pc)
+  for ex in (text, missing):
+    assert ex["pixel_values"].shape == (24, 1176) and not ex["image_grid_thw"].any()
+  assert int(missing["bad_reason"]) == pipeline.MISSING_IMAGE
+
+
+def test_packed_rows_equal_one_row_per_sample(tmp_path, tokenizer):
+  """Two image samples packed into one row (two patch-budget slots, their grids) give
+  each sample the logits it gets alone: attention, M-RoPE positions and image slots stay
+  per sample."""
+  from moe_vlm.data import packing, pipeline
+
+  cfg = dataclasses.replace(_tiny(), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            text=dataclasses.replace(_tiny().text, vocab_size=320))
+  model = VLM(cfg, rngs=nnx.Rngs(1))
+  pc = _preprocess_config(tokenizer, cfg, max_length=40)
+  examples = [pipeline.preprocess(_record(tmp_path, n, s), tokenizer, pc)
+              for n, s in (("a", (60, 90)), ("b", (20, 20)))]
+  row = packing.pack_examples(examples, packing.PackingConfig(
+      mode="first_fit", max_length=80, images_per_row=2), pipeline.Preprocess(tokenizer, pc).pad_id)
+  assert row["pixel_values"].shape == (2, 24, 1176) and row["image_grid_thw"].tolist() == [
+      [1, 4, 6], [1, 4, 4]]
+  batch = {k: jnp.asarray(row[k])[None] for k in ("input_ids", "attention_mask",
+                                                   "pixel_values", "image_grid_thw",
+                                                   "segment_ids")}
+  packed, _ = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                    segment_ids=batch["segment_ids"], image_grid_thw=batch["image_grid_thw"])
+  seg = row["segment_ids"]
+  for s, ex in enumerate(examples, 1):
+    n = int(ex["attention_mask"].sum())
+    alone, _ = model(jnp.asarray(ex["input_ids"])[None], jnp.asarray(ex["pixel_values"])[None],
+                     jnp.asarray(ex["attention_mask"])[None],
+                     image_grid_thw=jnp.asarray(ex["image_grid_thw"])[None])
+    assert _maxdiff(np.asarray(packed)[0, seg == s], np.asarray(alone)[0, :n]) < 1e-5, s

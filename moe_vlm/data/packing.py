@@ -268,6 +268,8 @@ def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], cfg: PackingConf
              segment_ids=np.zeros(length, np.int32),
              pixel_values=np.zeros((slots,) + image_shape, np.float32),
              has_image=np.zeros(slots, np.int32))
+  if "image_grid_thw" in examples[0]:  # Qwen2-VL: each slot's patch grid
+    row["image_grid_thw"] = np.zeros((slots, 3), np.int32)
   meta = dict(ok=np.zeros(cfg.max_segments, np.int32),
               truncated=np.zeros(cfg.max_segments, np.int32),
               bad_reason=np.full(cfg.max_segments, -1, np.int32),
@@ -295,6 +297,8 @@ def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], cfg: PackingConf
     if int(ex["has_image"]):
       row["pixel_values"][image] = ex["pixel_values"]
       row["has_image"][image] = 1
+      if "image_grid_thw" in row:
+        row["image_grid_thw"][image] = ex["image_grid_thw"]
       image += 1
     pos += n
   meta = {k: (v.astype(str) if v.dtype == object else v) for k, v in meta.items()}

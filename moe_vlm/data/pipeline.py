@@ -10,6 +10,11 @@ S = image_size):
   router_mask     int32 [B, L]  1 on the first user turn's content (image and text):
                                 the span Awaker's instance router averages over
   pixel_values    float32 [B, S, S, 3]  normalised NHWC; zeros for text-only rows
+                                (Qwen2-VL, `PreprocessConfig.patches`: [B, P, patch_dim],
+                                the image's patches in the first t*h*w of P slots)
+  image_grid_thw  int32 [B, 3]  Qwen2-VL only: the image's patch grid (t, h, w), zeros
+                                for text-only rows; its `<image>` became t*h*w/merge^2
+                                image ids (the image's merged-patch count)
   has_image       int32 [B]     1 when the row holds image tokens
   ok              int32 [B]     0 for a bad sample (see below)
   truncated       int32 [B]     1 when max_length cut the conversation
@@ -29,7 +34,8 @@ row, plus
   segment_ids     int32 [B, L]  1, 2, ... per sample in the row, 0 on padding
 and pixel_values [B, M, S, S, 3] (M image slots per row, `has_image` [B, M]); the
 per-sample fields (ok, truncated, bad_reason, sample_id, image, bad_detail) are
-[B, max_segments], bad_reason -1 in unused slots. With "length_buckets" the contract is
+[B, max_segments], bad_reason -1 in unused slots (Qwen2-VL: pixel_values [B, M, P,
+patch_dim], image_grid_thw [B, M, 3]). With "length_buckets" the contract is
 the unpacked one, L being the batch's bucket length.
 """
 
@@ -64,6 +70,10 @@ class PreprocessConfig:
   normalization: str = "clip"  # "clip" | "siglip"
   pad_to_square: bool = True  # MoE-LLaVA's image_aspect_ratio="pad"
   add_bos: bool = False
+  # Qwen2-VL (native resolution): images become patches on a fixed budget and their
+  # `<image>` as many ids as they have merged patches (`num_image_tokens` is then only
+  # the most an image may take); None: square images of `image_size`.
+  patches: Optional[images_lib.PatchConfig] = None
 
   def __post_init__(self):
     if self.template not in templates.TEMPLATES:
@@ -83,15 +93,24 @@ def _names(record: Mapping[str, Any], detail: str = "") -> dict[str, np.ndarray]
           "bad_detail": np.str_(detail)}
 
 
+def _no_image(config: PreprocessConfig) -> dict[str, np.ndarray]:
+  """The image fields of a row without an image (zeros)."""
+  if config.patches is not None:
+    p = config.patches
+    return {"pixel_values": np.zeros((p.max_patches, p.patch_dim), np.float32),
+            "image_grid_thw": np.zeros(3, np.int32)}
+  S = config.image_size
+  return {"pixel_values": np.zeros((S, S, 3), np.float32)}
+
+
 def _bad(record: Mapping[str, Any], config: PreprocessConfig, pad: int, reason: int,
          detail: str) -> dict[str, np.ndarray]:
-  L, S = config.max_length, config.image_size
-  return {**_names(record, detail or BAD_REASONS[reason]),
+  L = config.max_length
+  return {**_names(record, detail or BAD_REASONS[reason]), **_no_image(config),
       "input_ids": np.full(L, pad, np.int32),
       "attention_mask": np.zeros(L, np.int32),
       "loss_mask": np.zeros(L, np.int32),
       "router_mask": np.zeros(L, np.int32),
-      "pixel_values": np.zeros((S, S, 3), np.float32),
       "has_image": np.int32(0),
       "ok": np.int32(0),
       "truncated": np.int32(reason == IMAGE_TRUNCATED),
@@ -110,10 +129,11 @@ def _conversations(record: Mapping[str, Any]) -> tuple[Optional[list], str]:
     return None, str(e)
 
 
-def _tokenize(conversations: Any, tokenizer: Any,
-              config: PreprocessConfig) -> templates.EncodedSample:
+def _tokenize(conversations: Any, tokenizer: Any, config: PreprocessConfig,
+              num_image_tokens: Optional[int] = None) -> templates.EncodedSample:
+  n = config.num_image_tokens if num_image_tokens is None else num_image_tokens
   return templates.tokenize_conversation(
-      conversations, tokenizer, config.template, num_image_tokens=config.num_image_tokens,
+      conversations, tokenizer, config.template, num_image_tokens=n,
       image_token_id=config.image_token_id, max_length=config.max_length,
       add_bos=config.add_bos)
 
@@ -125,12 +145,18 @@ def text_length(record: Mapping[str, Any], tokenizer: Any,
   conversations, _ = _conversations(record)
   if conversations is None:
     return 0, False
+  n = None
   if record.get("image") is not None:
     conversations = templates.ensure_image_placeholder(conversations)
+    if config.patches is not None:  # Qwen2-VL: the image's size says its tokens
+      try:
+        n = config.patches.num_tokens(*images_lib.image_size_of(record["image"]))
+      except images_lib.ImageError:
+        return 0, False
   elif templates.has_image_placeholder(conversations):
     return 0, False
   try:
-    enc = _tokenize(conversations, tokenizer, config)
+    enc = _tokenize(conversations, tokenizer, config, n)
   except (templates.ImageTruncatedError, templates.ConversationError):
     return 0, False
   return int(enc.num_tokens), enc.num_image_tokens > 0
@@ -150,36 +176,43 @@ def preprocess(record: Mapping[str, Any], tokenizer: Any,
     return bad(MALFORMED_CONVERSATION, problem)
 
   image = record.get("image")
+  fields, n = _no_image(config), None
   if image is not None:
     try:
-      pixels = images_lib.load_and_transform(
-          image, image_size=config.image_size, normalization=config.normalization,
-          pad_to_square=config.pad_to_square)
+      if config.patches is not None:  # Qwen2-VL: native resolution on a patch budget
+        pixels, grid = images_lib.qwen2_vl_patches(images_lib.load_image(image),
+                                                   config.patches, config.normalization)
+        fields = {"pixel_values": pixels, "image_grid_thw": grid}
+        n = int(np.prod(grid)) // config.patches.merge_size ** 2
+      else:
+        fields = {"pixel_values": images_lib.load_and_transform(
+            image, image_size=config.image_size, normalization=config.normalization,
+            pad_to_square=config.pad_to_square)}
     except images_lib.MissingImageError as e:
       return bad(MISSING_IMAGE, str(e))
     except images_lib.UnreadableImageError as e:
       return bad(UNREADABLE_IMAGE, str(e))
     conversations = templates.ensure_image_placeholder(conversations)
-  else:
-    if templates.has_image_placeholder(conversations):
-      # Image tokens with no image would feed garbage features to the model.
-      return bad(MALFORMED_CONVERSATION, f"{templates.IMAGE_PLACEHOLDER} in a record "
-                 "without an image")
-    pixels = np.zeros((config.image_size, config.image_size, 3), np.float32)
+  elif templates.has_image_placeholder(conversations):
+    # Image tokens with no image would feed garbage features to the model.
+    return bad(MALFORMED_CONVERSATION, f"{templates.IMAGE_PLACEHOLDER} in a record "
+               "without an image")
 
   try:
-    enc = _tokenize(conversations, tokenizer, config)
+    enc = _tokenize(conversations, tokenizer, config, n)
   except templates.ImageTruncatedError as e:
     return bad(IMAGE_TRUNCATED, str(e))
   except templates.ConversationError as e:
     return bad(MALFORMED_CONVERSATION, str(e))
   has_image = enc.num_image_tokens > 0
+  if not has_image:  # an image the conversation does not place is not fed
+    fields = _no_image(config)
   return {
       "input_ids": enc.input_ids,
       "attention_mask": enc.attention_mask,
       "loss_mask": enc.loss_mask,
       "router_mask": enc.router_mask,
-      "pixel_values": pixels if has_image else np.zeros_like(pixels),
+      **fields,
       "has_image": np.int32(has_image),
       "ok": np.int32(1),
       "truncated": np.int32(enc.truncated),

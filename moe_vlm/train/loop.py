@@ -31,6 +31,7 @@ import numpy as np
 
 from moe_vlm import checkpoint as ckpt_lib
 from moe_vlm import schema
+from moe_vlm.data import images as images_lib
 from moe_vlm.data import packing as packing_lib
 from moe_vlm.data import pipeline as pipeline_lib
 from moe_vlm.data.llava import LlavaJsonSource
@@ -165,7 +166,8 @@ def preprocess_config(data: schema.DataSettings, cfg: VLMConfig,
       template=template, max_length=data.max_length,
       num_image_tokens=cfg.num_image_tokens, image_token_id=cfg.image_token_id,
       image_size=cfg.vision.image_size, normalization=data.normalization,
-      add_bos=data.add_bos)
+      add_bos=data.add_bos,
+      patches=images_lib.PatchConfig.of(cfg.vision) if cfg.vision.native else None)
 
 
 # ------------------------------------------------------------ where stages start

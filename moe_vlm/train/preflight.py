@@ -71,11 +71,18 @@ def format_bytes(n: float) -> str:
 
 
 def abstract_batch(cfg: VLMConfig, batch_size: int, seq_len: int) -> dict[str, Any]:
-  """ShapeDtypeStructs of the model inputs (the pipeline's batch contract)."""
+  """ShapeDtypeStructs of the model inputs (the pipeline's batch contract; Qwen2-VL:
+  the patch budget and each row's grid)."""
   s = cfg.vision.image_size
   ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-  return {"input_ids": ids, "attention_mask": ids, "loss_mask": ids,
-          "pixel_values": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32)}
+  batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids,
+           "pixel_values": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32)}
+  if cfg.vision.native:
+    v = cfg.vision
+    batch["pixel_values"] = jax.ShapeDtypeStruct((batch_size, v.max_patches, v.patch_dim),
+                                                 jnp.float32)
+    batch["image_grid_thw"] = jax.ShapeDtypeStruct((batch_size, 3), jnp.int32)
+  return batch
 
 
 def compile_train_step(cfg: VLMConfig, mesh: Mesh, *, batch_size: int, seq_len: int,
