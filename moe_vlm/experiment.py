@@ -163,12 +163,15 @@ def model_config(c: ml_collections.ConfigDict | Settings, tokenizer: Any) -> VLM
 def pretrain_model_config(c: ml_collections.ConfigDict | Settings,
                           dense: VLMConfig) -> VLMConfig:
   """The vision tower's captioning model (`vision_pretrain`): the dense model's tower,
-  feature layer and image tokens, a fresh `mlp2x_gelu` projector and the LLM's
+  feature layer and image tokens, a fresh `mlp2x_gelu` projector (Qwen2-VL: a fresh
+  patch merger) and the LLM's
   architecture cut to `vision_pretrain.decoder_layers` plain layers."""
   s = settings_of(c)
   text = dataclasses.replace(dense.text, num_layers=s.vision_pretrain.decoder_layers,
                              moe=None, lora_moe=None, language_expert=None)
-  cfg = VLMConfig(vision=dense.vision, text=text, projector="mlp2x_gelu",
+  # Qwen2-VL's tower comes with its own projector (the merger reads its merge groups).
+  projector = dense.projector if dense.vision.native else "mlp2x_gelu"
+  cfg = VLMConfig(vision=dense.vision, text=text, projector=projector,
                   vision_feature_layer=dense.vision_feature_layer,
                   vision_feature_select_strategy=dense.vision_feature_select_strategy,
                   image_token_id=dense.image_token_id)
