@@ -644,3 +644,43 @@ def test_three_stages_train_a_qwen2_vl_model(tmp_path):
     lines = [json.loads(l) for l in open(tmp_path / stage / "metrics.jsonl")]
     losses = [l["loss"] for l in lines if "loss" in l]
     assert len(losses) == steps and np.isfinite(losses).all(), (stage, losses)
+
+
+# ------------------------------------------------------------- inference commands
+
+
+def test_vqa_and_chat_feed_native_images(tmp_path, tokenizer):
+  """The answering paths (vqa batches, chat turns) give each image its own token count,
+  patches and grid: a batched answer equals the question generated alone, the chat's
+  first answer equals it too, and a chat that reuses its KV cache (M-RoPE continuing
+  after the image) answers as one that prefills every turn afresh."""
+  from moe_vlm.infer import chat, load, vqa
+  from moe_vlm.infer import generate as gen
+
+  image_id = tokenizer.convert_tokens_to_ids("<image>")
+  cfg = dataclasses.replace(_tiny(), image_token_id=image_id,
+                            text=dataclasses.replace(_tiny().text, vocab_size=320))
+  im = load.InferenceModel(model=VLM(cfg, rngs=nnx.Rngs(2)), cfg=cfg, tokenizer=tokenizer,
+                           template="phi", normalization="clip")
+  for name, size in (("a", (60, 90)), ("b", (20, 20))):
+    _record(tmp_path, name, size)
+  questions = [{"question_id": "a", "text": "What colour?", "image": "a.png"},
+               {"question_id": "b", "text": "What colour?", "image": "b.png"},
+               {"question_id": "c", "text": "The square", "image": None}]
+  config = gen.GenerationConfig(max_new_tokens=3, eos_ids=(tokenizer.eos_token_id,))
+  answers = [a for batch in vqa.answer_questions(im, questions, image_folder=str(tmp_path),
+                                                 config=config, batch_size=2) for a in batch]
+  assert len(answers) == 3
+  for q, answer in zip(questions, answers):
+    path = str(tmp_path / q["image"]) if q["image"] else None
+    ids = im.encode(vqa.question_turns(q["text"], path is not None), image=path)
+    assert int(np.sum(ids == image_id)) == (0 if path is None else {"a": 6, "b": 4}[q["image"][0]])
+    tokens = gen.generate(im.model, ids[None], np.ones((1, len(ids)), np.int32),
+                          im.image(path)[None], config, image_grid_thw=im.grid(path)[None])
+    assert im.decode(gen.until_stop(tokens, config.eos_ids)[0]) == answer, q
+  sessions = [chat.ChatSession(im, config, image=str(tmp_path / "a.png"), reuse_cache=r)
+              for r in (True, False)]
+  first = [s.ask("What colour?") for s in sessions]
+  assert first == [answers[0]] * 2
+  assert sessions[0].ask("The square") == sessions[1].ask("The square")
+  assert sessions[0].last.prefilled < sessions[1].last.prefilled  # the cache was reused

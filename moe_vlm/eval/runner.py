@@ -30,6 +30,7 @@ class Batch:
   pixels: np.ndarray  # [batch_size, H, W, 3]
   prompt_length: int  # the left-padded prompt buffer
   new_tokens: list[list[int]]  # [batch_size] generated ids (eos excluded)
+  grids: Optional[np.ndarray] = None  # [batch_size, 3]: Qwen2-VL's image grids
 
   @property
   def size(self) -> int:
@@ -58,7 +59,9 @@ def generate_batches(model: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
                      max_new_tokens: int, stop_ids: Sequence[int] = (),
                      on_batch: Optional[Callable[[Batch], None]] = None,
                      mesh: Any = None,
-                     router_masks: Optional[Sequence[np.ndarray]] = None) -> list[list[int]]:
+                     router_masks: Optional[Sequence[np.ndarray]] = None,
+                     grids_of: Optional[Callable[[int], np.ndarray]] = None
+                     ) -> list[list[int]]:
   """Greedy answers (token ids, eos excluded) for every prompt, `batch_size` at a time.
 
   `pixels_of(i)` loads prompt i's image lazily (one batch of images in memory at a time);
@@ -66,6 +69,7 @@ def generate_batches(model: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
   at eos; answers are also cut at any of `stop_ids` (chat templates' end-of-turn marks).
   With `mesh` (the model's parameters placed on it) the batch is split over it too.
   `router_masks`: each prompt's router span (Awaker's instance router; `templates`).
+  `grids_of(i)`: Qwen2-VL, prompt i's image grid (its pixels are then patches).
   """
   if not prompts:
     return []
@@ -81,14 +85,18 @@ def generate_batches(model: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
     pixels = np.stack(pixels + [pixels[-1]] * fill)
     spans = (None if router_masks is None else
              [router_masks[i] for i in idx] + [router_masks[idx[-1]]] * fill)
+    grids = None
+    if grids_of is not None:
+      grids = [grids_of(i) for i in idx]
+      grids = np.stack(grids + [grids[-1]] * fill)
     new = greedy_generate(model, rows, pixels, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
                           max_new_tokens=max_new_tokens, prompt_length=length, mesh=mesh,
-                          router_masks=spans)
+                          router_masks=spans, image_grid_thw=grids)
     new = [_until(row, stops) for row in new]
     out += new[:len(idx)]
     if on_batch is not None:
       on_batch(Batch(indices=idx, prompts=rows, pixels=pixels, prompt_length=length,
-                     new_tokens=new))
+                     new_tokens=new, grids=grids))
   return out
 
 
@@ -105,19 +113,20 @@ def answer(im: InferenceModel, questions: Sequence[Question], *, image_root: str
            batch_size: int, max_new_tokens: int,
            on_batch: Optional[Callable[[Batch], None]] = None) -> list[str]:
   """The model's greedy answer text to each question (images relative to image_root)."""
-  encoded = [im.encode(question_turns(q.text, q.image is not None), with_router_mask=True)
-             for q in questions]
+  path = lambda q: os.path.join(image_root, q.image) if q.image else None
+  encoded = [im.encode(question_turns(q.text, q.image is not None), with_router_mask=True,
+                       image=path(q)) for q in questions]
   prompts, spans = [p for p, _ in encoded], [r for _, r in encoded]
 
   def pixels_of(i: int) -> np.ndarray:
-    image = questions[i].image
     try:
-      return im.image(os.path.join(image_root, image) if image else None)
+      return im.image(path(questions[i]))
     except images_lib.ImageError as e:
       raise type(e)(f"question {questions[i].question_id!r}: {e}") from e
 
+  grids_of = (lambda i: im.grid(path(questions[i]))) if im.cfg.vision.native else None
   tokens = generate_batches(im.model, im.tokenizer, prompts, pixels_of,
                             batch_size=batch_size, max_new_tokens=max_new_tokens,
                             stop_ids=im.stop_ids, on_batch=on_batch, mesh=im.mesh,
-                            router_masks=spans)
+                            router_masks=spans, grids_of=grids_of)
   return [im.decode(t) for t in tokens]

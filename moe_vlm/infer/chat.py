@@ -69,7 +69,10 @@ class ChatSession:
     self.config = config
     self.reuse_cache = reuse_cache
     self.has_image = image is not None
+    self.image = image
     self.pixels = im.image(image)[None]
+    grid = im.grid(image)  # Qwen2-VL's patch grid (None for square-image towers)
+    self.grid = None if grid is None else grid[None]
     self.rng = jax.random.key(seed)
     self.turns: list[dict[str, str]] = []
     self.last: Optional[TurnStats] = None
@@ -89,6 +92,8 @@ class ChatSession:
     if image.size and common < image[-1] + 1:
       # An image's placeholders are prefilled together with its pixels, never split.
       common = min(common, int(image[0]))
+      if self.im.cfg.vision.native:  # M-RoPE: an image only in a prefill from slot 0
+        common = 0
     return common
 
   def _cache_for(self, start: int, needed: int) -> KVCache:
@@ -115,10 +120,11 @@ class ChatSession:
     valid = np.ones((1, cache.length), np.int32)  # generated slots: valid from the start
     valid[:, :start] = self._valid[:, :start]
     valid[:, start:start + ids.shape[1]] = pad_mask
-    pixels = self.pixels if np.any(delta == self.im.cfg.image_token_id) else None
+    with_image = np.any(delta == self.im.cfg.image_token_id)
+    pixels = self.pixels if with_image else None
     self._cache = None  # donated to `extend`
     tokens, _, self._cache = extend(self.im.model, cache, valid, ids, pixels, self.config,
-                                    rng=rng)
+                                    rng=rng, image_grid_thw=self.grid if with_image else None)
     tokens = np.asarray(tokens)[0].tolist()
     answer = until_stop([tokens], self.config.eos_ids)[0]
     steps = min(len(answer) + 1, n)  # through the stop token, or all n
@@ -154,7 +160,7 @@ class ChatSession:
       turn = {"from": templates.HUMAN, "value": text}
       value = templates.ensure_image_placeholder([turn])[0]["value"]
     question = {"from": templates.HUMAN, "value": value}
-    prompt = np.asarray(self.im.encode(self.turns + [question]), np.int32)
+    prompt = np.asarray(self.im.encode(self.turns + [question], image=self.image), np.int32)
     answer = self.im.decode(self._generate(prompt, jax.random.fold_in(self.rng,
                                                                       len(self.turns))))
     self.turns += [question, {"from": templates.GPT, "value": answer}]

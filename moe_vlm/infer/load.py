@@ -60,16 +60,44 @@ class InferenceModel:
     return tuple(sorted(ids))
 
   def encode(self, conversations: Sequence[dict[str, str]], *,
-             with_router_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+             with_router_mask: bool = False, image: Optional[images_lib.ImageInput] = None
+             ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Turns ending with a human turn -> prompt ids ending where the answer begins (and
-    with `with_router_mask` the router span, `templates.encode_prompt`)."""
+    with `with_router_mask` the router span, `templates.encode_prompt`). `image`: the
+    conversation's image, whose size sets its token count for Qwen2-VL."""
     return templates.encode_prompt(conversations, self.tokenizer, self.template,
-                                   num_image_tokens=self.cfg.num_image_tokens,
+                                   num_image_tokens=self.image_tokens(image),
                                    image_token_id=self.cfg.image_token_id,
                                    add_bos=self.add_bos, with_router_mask=with_router_mask)
 
+  @property
+  def patches(self) -> Optional[images_lib.PatchConfig]:
+    """Qwen2-VL's image transform (native resolution), None for square-image towers."""
+    return images_lib.PatchConfig.of(self.cfg.vision) if self.cfg.vision.native else None
+
+  def image_tokens(self, source: Optional[images_lib.ImageInput]) -> int:
+    """Image ids an image takes in the prompt: `num_image_tokens`, or for Qwen2-VL its
+    merged-patch count (from its size)."""
+    if self.patches is None or source is None:
+      return self.cfg.num_image_tokens
+    return self.patches.num_tokens(*images_lib.image_size_of(source))
+
+  def grid(self, source: Optional[images_lib.ImageInput]) -> Optional[np.ndarray]:
+    """Qwen2-VL: the image's patch grid int32 [3] (zeros for None); None otherwise."""
+    if self.patches is None:
+      return None
+    if source is None:
+      return np.zeros(3, np.int32)
+    return np.asarray(self.patches.grid(*images_lib.image_size_of(source)), np.int32)
+
   def image(self, source: Optional[images_lib.ImageInput]) -> np.ndarray:
-    """The model's [H, W, 3] input for an image; zeros (ignored) for None."""
+    """The model's [H, W, 3] input for an image (Qwen2-VL: its patches on the budget,
+    [max_patches, patch_dim]); zeros (ignored) for None."""
+    if self.patches is not None:
+      if source is None:
+        return np.zeros((self.patches.max_patches, self.patches.patch_dim), np.float32)
+      return images_lib.qwen2_vl_patches(images_lib.load_image(source), self.patches,
+                                         self.normalization)[0]
     size = self.cfg.vision.image_size
     if source is None:
       return np.zeros((size, size, 3), np.float32)

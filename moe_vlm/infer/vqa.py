@@ -151,25 +151,28 @@ def answer_questions(im: InferenceModel, questions: list[dict[str, Any]], *,
   """Yields the answers batch by batch (in question order)."""
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: expected >= 1")
-  encoded = [im.encode(question_turns(q["text"], bool(q.get("image"))), with_router_mask=True)
-             for q in questions]
+  path = lambda q: os.path.join(image_folder, q["image"]) if q.get("image") else None
+  encoded = [im.encode(question_turns(q["text"], bool(q.get("image"))), with_router_mask=True,
+                       image=path(q)) for q in questions]
   prompts, spans = [p for p, _ in encoded], [r for _, r in encoded]
   length = bucket(max((len(p) for p in prompts), default=1))
   rng = jax.random.key(seed)
   for b, rows in enumerate(_batches(len(questions), batch_size)):
-    pixels = []
+    pixels, grids = [], []
     for i in rows:
-      image = questions[i].get("image")
       try:
-        pixels.append(im.image(os.path.join(image_folder, image) if image else None))
+        pixels.append(im.image(path(questions[i])))
+        grids.append(im.grid(path(questions[i])))
       except images_lib.ImageError as e:
         raise type(e)(f"question {questions[i]['question_id']!r}: {e}") from e
     fill = batch_size - len(rows)  # fixed batch shape: one compilation for every batch
     batch = [prompts[i] for i in rows] + [prompts[rows[-1]]] * fill
     ids, mask = left_pad(batch, im.pad_id, length)
     span = left_pad([spans[i] for i in rows] + [spans[rows[-1]]] * fill, 0, length)[0]
+    grid = None if grids[0] is None else np.stack(grids + [grids[-1]] * fill)  # Qwen2-VL
     tokens = generate(im.model, ids, mask, np.stack(pixels + [pixels[-1]] * fill), config,
-                      rng=jax.random.fold_in(rng, b), mesh=im.mesh, router_mask=span)
+                      rng=jax.random.fold_in(rng, b), mesh=im.mesh, router_mask=span,
+                      image_grid_thw=grid)
     yield [im.decode(t) for t in until_stop(tokens, config.eos_ids)[:len(rows)]]
 
 
