@@ -47,6 +47,7 @@ if __name__ == "__main__":
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -54,6 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bench import common
 from configs import topologies
@@ -471,6 +473,10 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   p.add_argument("--tiny", action="store_true", help="tiny config (seconds)")
   p.add_argument("--paper-estimate", action="store_true",
                  help="print the TPU v5e/v5p estimate for the real configs and exit")
+  p.add_argument("--padded", action="store_true",
+                 help="with --paper-estimate: every sequence padded to 2048, the einsum "
+                 "attention and capacity 1.5 (the estimate before packing) instead of "
+                 "packed rows, splash attention and dropless expert parallelism")
   p.add_argument("--variant", default="stablelm", choices=sorted(VARIANT_NAMES))
   p.add_argument("--layers", type=int, default=2,
                  help="decoder layers kept (MoE in every other one, from layer 0)")
@@ -489,7 +495,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
   p.add_argument("--device-note", default="")
   a = p.parse_args(argv)
   if a.paper_estimate:
-    return paper_estimate(out)
+    return paper_estimate(out, packed=not a.padded)
   experts = [int(x) for x in a.experts.split(",")]
   devices = [int(x) for x in a.devices.split(",")]
   if a.tiny:
@@ -541,20 +547,84 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
 ESTIMATE_TOPOLOGIES = ("v5e-16", "v5e-64", "v5e-256", "v5p-128")
 
 
-def estimate_row(variant: str, topology: str, stage: int, seq: int = 2048) -> dict[str, Any]:
+# Packed rows of the real variants: which mix of bench.packing each stage's lengths
+# follow (stage 2's mix is not in the paper; stage 3's, LLaVA-mix-665k, stands in).
+PACKING_MIX = {1: 1, 2: 3, 3: 3}
+
+
+@functools.lru_cache(maxsize=16)
+def packed_rows(stage: int, image_tokens: int, seq: int = 2048, samples: int = 4000,
+                seed: int = 0) -> dict[str, float]:
+  """First-fit packing (`moe_vlm.data.packing.first_fit`, the trainer's settings) of
+  `samples` lengths drawn from bench.packing's mix of the stage (image samples:
+  `image_tokens` + text): `fill` = real tokens / row tokens, `pairs` = sum over a row's
+  samples of len^2 / seq^2 (the attention the samples need, per row), samples and images
+  per row, and the image slots a row has (all of them go through the tower)."""
+  from bench import packing as bench_packing
+  from moe_vlm.data import packing as packing_lib
+  rng = np.random.default_rng([seed, stage])
+  stage_mix = bench_packing.STAGES[PACKING_MIX[stage]]
+  text, images, _ = bench_packing.text_lengths(stage_mix, samples, rng,
+                                               seq - image_tokens - 1)
+  lengths = np.minimum(text + images * image_tokens, seq)
+  cfg = packing_lib.PackingConfig(
+      "first_fit", max_length=seq,
+      images_per_row=packing_lib.default_images_per_row(seq, image_tokens))
+  rows = packing_lib.first_fit(rng.permutation(samples), lengths, images.astype(np.int8), cfg)
+  return dict(fill=float(lengths.sum() / (len(rows) * seq)),
+              pairs=float(sum((lengths[r].astype(np.float64) ** 2).sum() for r in rows)
+                          / (len(rows) * seq * seq)),
+              per_row=samples / len(rows), mean=float(lengths.mean()),
+              images=float(images.sum() / len(rows)), slots=cfg.images_per_row)
+
+
+def estimate_row(variant: str, topology: str, stage: int, seq: int = 2048,
+                 packed: bool = False) -> dict[str, Any]:
   """Step time and MFU of one stage of one variant on one topology preset (every count
-  from `moe_vlm.cost`)."""
+  from `moe_vlm.cost`).
+
+  `packed`: the trainer as configs/moe_llava.py now runs it: rows of `seq` tokens packed
+  first-fit with several samples (`packed_rows`), Pallas splash attention (no L x L
+  matrix through HBM; it computes the causal blocks of the whole row, other samples'
+  blocks included, as the einsum path's causal query blocks count them), and stage 3
+  dropless (a grouped matmul on the routed rows, no capacity buffers) with expert
+  parallelism by shard_map and the ragged all-to-all (only the routed rows travel).
+  Model FLOPs then count the real tokens only: decoder weights x fill, attention on each
+  sample's own length (sum len^2, not seq^2), the tower and projector on the row's real
+  images; executed FLOPs are those of the whole rows, and of every image slot of a row
+  (the tower encodes empty slots too). MFU = model FLOPs / (step x chips x peak);
+  tokens/s/chip counts real tokens."""
   topo = topologies.get(topology)
   chip = cost.CHIPS[topo.generation]
   batch = topologies.MOE_LLAVA_BATCH[stage]
   accum = topologies.grad_accum(topo, batch)
   micro = topologies.per_chip_batch(topo, batch)
-  moe = cost.moe_llava_moe(4, group_size=4) if stage == 3 else None
+  if stage != 3:
+    moe = None
+  elif packed:
+    moe = cost.moe_llava_moe(4, dispatch="dropless", group_size=None, ep_impl="shard_map")
+  else:
+    moe = cost.moe_llava_moe(4, group_size=4)
   cfg = cost.real_config(variant, moe)
   train = cost.STAGE_TRAIN[stage]
-  fl = cost.train_step_flops(cfg, train, batch, seq, backend="tpu")
-  attn_hbm = cost.attention_hbm_bytes(cfg, train, batch, seq) / topo.chips
-  comm = cost.ici_bytes(cfg, train, topo.mesh, micro, accum, seq)
+  fl = dict(cost.train_step_flops(cfg, train, batch, seq, backend="tpu"))
+  comm_model = cost.CommModel(ep_impl="shard_map") if packed else cost.CommModel()
+  comm = cost.ici_bytes(cfg, train, topo.mesh, micro, accum, seq, comm_model)
+  rows = None
+  if packed:
+    rows = packed_rows(stage, cfg.num_image_tokens, seq)
+    per_image = fl["vision"] + fl["projector"]  # train_step_flops: one image per row
+    fl["hardware"] += (rows["slots"] - 1) * per_image
+    for part in ("vision", "projector"):
+      fl[part] *= rows["images"]
+    for part in ("attention", "ffn", "lm_head"):
+      fl[part] *= rows["fill"]
+    fl["attention_scores"] *= rows["pairs"]
+    fl["model"] = sum(fl[k] for k in cost.MODEL_PARTS)
+    fl["tokens"] *= rows["fill"]
+    attn_hbm = 0.0  # splash: the scores stay in VMEM
+  else:
+    attn_hbm = cost.attention_hbm_bytes(cfg, train, batch, seq) / topo.chips
   t_matmul = fl["hardware"] / (topo.chips * chip.peak_flops)
   t_softmax = attn_hbm / chip.hbm_bw
   t_ici = comm["total"] / chip.ici_send_bw
@@ -569,22 +639,39 @@ def estimate_row(variant: str, topology: str, stage: int, seq: int = 2048) -> di
               t_matmul=t_matmul, t_softmax=t_softmax, t_ici=t_ici, ici=comm,
               step_overlap=overlap, step_serial=serial, mfu_overlap=ideal / overlap,
               mfu_serial=ideal / serial, hbm_gib=mem["total"], hbm_cap_gib=topo.hbm_gib,
-              tokens_per_s_chip=fl["tokens"] / overlap / topo.chips)
+              tokens_per_s_chip=fl["tokens"] / overlap / topo.chips, packed=packed,
+              packing=rows)
+
 
 
 def paper_estimate(out: Callable[[str], None] = print,
                    variants: Sequence[str] = ("stablelm", "qwen", "phi2"),
                    topology_names: Sequence[str] = ESTIMATE_TOPOLOGIES,
-                   stages: Sequence[int] = (1, 2, 3)) -> dict:
-  """The TPU estimate of BENCHMARKS.md: arithmetic only, every input printed."""
+                   stages: Sequence[int] = (1, 2, 3), packed: bool = False) -> dict:
+  """The TPU estimate of BENCHMARKS.md: arithmetic only, every input printed. `packed`:
+  on real tokens, with packing, splash attention and dropless expert parallelism
+  (`estimate_row`)."""
   for gen in dict.fromkeys(topologies.get(t).generation for t in topology_names):
     c = cost.CHIPS[gen]
     out(f"# {c.name}: {c.peak_flops / 1e12:.0f} TFLOP/s bf16, HBM {c.hbm_bytes / GiB:.0f} GiB "
         f"at {c.hbm_bw / 1e9:.0f} GB/s, ICI {c.ici_bw / 1e9:.0f} GB/s bidirectional per chip "
         f"({c.ici_ports} ports): {c.ici_send_bw / 1e9:.0f} GB/s sent")
-  out("# sequences of 2048 tokens (padded), one 336 px image (576 tokens) each; stage 3: "
-      "4 experts top-2, capacity 1.5, routing groups of 4 sequences; bf16 compute, fp32 "
-      "params and AdamW, remat full")
+  if packed:
+    out("# rows of 2048 tokens packed first-fit with several samples (bench.packing's "
+        "length mixes with 576-token images; stage 2 takes stage 3's mix), splash "
+        "attention (no softmax through HBM; the causal blocks of the whole row computed), "
+        "stage 3: 4 experts top-2 dropless, expert parallelism by shard_map + ragged "
+        "all-to-all; model FLOPs, MFU and tok/s on real tokens; bf16 compute, fp32 params "
+        "and AdamW, remat full")
+    for stage in stages:
+      r = packed_rows(stage, 576)
+      out(f"#   stage {stage}: {r['per_row']:.2f} samples ({r['images']:.2f} images, "
+          f"{r['slots']} slots) per row, mean {r['mean']:.0f} tokens, fill {r['fill']:.3f}, "
+          f"attention pairs sum(len^2)/L^2 {r['pairs']:.3f}")
+  else:
+    out("# sequences of 2048 tokens (padded), one 336 px image (576 tokens) each; stage 3: "
+        "4 experts top-2, capacity 1.5, routing groups of 4 sequences; bf16 compute, fp32 "
+        "params and AdamW, remat full")
   out("# columns: mesh data.fsdp.model.expert; st stage; acc gradient accumulation; "
       "b/chip sequences per chip per micro-batch; GFLOP/tok model FLOPs per token; hw/model "
       "executed / model FLOPs; matmul s = executed FLOPs at peak; softmax s = L x L "
@@ -608,7 +695,7 @@ def paper_estimate(out: Callable[[str], None] = print,
         f"{'HBM GiB':>9}")
     for topo in topology_names:
       for stage in stages:
-        r = estimate_row(variant, topo, stage)
+        r = estimate_row(variant, topo, stage, packed=packed)
         rows.append(r)
         mesh = ".".join(str(r["mesh"][a]) for a in ("data", "fsdp", "model", "expert"))
         out(f"{topo:9s} {mesh:12s} {stage:2d} {r['accum']:3d} {r['micro']:6d} "

@@ -599,7 +599,8 @@ def ici_bytes(cfg: "VLMConfig", train: Train, mesh: Mapping[str, int], micro_bat
     in the forward, of the attention output again in the recomputation (the FFN output
     is not needed by the backward), and where the layer's input needs a gradient one
     per input projection (q, k, v; gate and up, or the one plain fc1). An MoE layer's
-    FFN tensors are its [E, C, D] buffer, capacity_factor x top_k rows per token;
+    FFN tensors are its [E, C, D] buffer, capacity_factor x top_k rows per token
+    (dropless: the top_k routed rows, what the ragged exchange moves);
   - expert parallel, per MoE layer: shard_map sends its [E, C, D] buffer in 5
     all-to-alls (dispatch and combine forward and backward, the recomputed dispatch);
     GSPMD in 3, and all-gathers the top_k-repeated tokens of the expert group twice
@@ -618,7 +619,11 @@ def ici_bytes(cfg: "VLMConfig", train: Train, mesh: Mapping[str, int], micro_bat
   out["gradient all-reduce over data/expert"] = (2 * _ring(d_ * e) * g_dense +
                                                 2 * _ring(d_) * g_expert) / f
   act = micro_batch * seq * t.hidden_size * comm.act_bytes
-  buffer = t.moe.capacity_factor * t.moe.top_k * act if t.moe else 0.0
+  # An MoE layer's token exchange: capacity buffers of capacity_factor x top_k rows per
+  # token, or dropless (the ragged all-to-all) only the top_k routed rows.
+  rows = (t.moe.top_k if t.moe.dispatch == "dropless" else
+          t.moe.capacity_factor * t.moe.top_k) if t.moe else 0.0
+  buffer = rows * act
   trains = _trainable_parts(cfg, train)
   out["tensor all-reduce"] = 2 * _ring(m) * _tensor_parallel_bytes(cfg, trains, act, buffer)
   if t.moe_layers() and e > 1:

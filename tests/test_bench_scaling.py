@@ -209,3 +209,14 @@ def test_real_configs_have_the_papers_active_parameters():
     active = 2 * t.vocab_size * d + t.num_layers * (attn + ffn) + n_moe * ffn
     assert abs(active / 1e9 - paper_b) / paper_b < 0.04, (variant, active)
     assert cfg.num_image_tokens == 576 and t.remat == "full" and t.dtype == "bfloat16"
+
+
+def test_packed_paper_estimate_counts_real_tokens():
+  rows = scaling.packed_rows(3, 576)
+  assert 0.5 < rows["fill"] < 1 and 0 < rows["pairs"] < rows["fill"] and rows["slots"] == 3
+  padded = scaling.estimate_row("phi2", "v5p-128", 3)
+  packed = scaling.estimate_row("phi2", "v5p-128", 3, packed=True)
+  assert packed["t_softmax"] == 0 and packed["flops"]["expert_extra"] == 0
+  assert packed["flops"]["tokens"] == pytest.approx(padded["flops"]["tokens"] * rows["fill"])
+  assert packed["ici"]["total"] < padded["ici"]["total"]  # routed rows, not capacity
+  assert packed["mfu_overlap"] > padded["mfu_overlap"]
