@@ -684,3 +684,22 @@ def test_vqa_and_chat_feed_native_images(tmp_path, tokenizer):
   assert first == [answers[0]] * 2
   assert sessions[0].ask("The square") == sessions[1].ask("The square")
   assert sessions[0].last.prefilled < sessions[1].last.prefilled  # the cache was reused
+
+
+def test_routing_analysis_of_a_qwen2_vl_moe_model():
+  """The routing counter feeds the grids: image tokens are counted as image tokens, as
+  many as the images' merged patches."""
+  from moe_vlm.eval import routing
+  from moe_vlm.models.config import MoEConfig
+
+  cfg = _tiny()
+  cfg = dataclasses.replace(cfg, text=dataclasses.replace(
+      cfg.text, num_layers=2, moe=MoEConfig(num_experts=4, top_k=2, dispatch="dropless")))
+  model = VLM(cfg, rngs=nnx.Rngs(3))
+  ours, _, valid = _batch(ROWS, 16)
+  counter = routing.RoutingCounter(model, image_token_id=IMAGE)
+  idx = counter.add(np.asarray(ours["input_ids"]), np.asarray(ours["pixel_values"]),
+                    np.asarray(ours["attention_mask"]), grids=np.asarray(ours["image_grid_thw"]))
+  assert idx.shape == (1, 4, 16, 2)
+  assert counter.stats.top1[0, 0].sum() == 6 + 4 + 0 + 1  # image tokens of the 4 rows
+  assert counter.stats.top1[0].sum() == valid.sum()

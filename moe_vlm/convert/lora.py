@@ -25,17 +25,20 @@ from moe_vlm.models.vlm import VLM
 
 
 def instance_guide(model: VLM, input_ids: np.ndarray, pixel_values: np.ndarray | None,
-                   router_mask: np.ndarray) -> jax.Array:
+                   router_mask: np.ndarray,
+                   image_grid_thw: Optional[np.ndarray] = None) -> jax.Array:
   """The instance router's input for one batch: the mean embedding-layer output (image
   features spliced in) over each row's router span (`router_mask` [B, L], the data
-  pipeline's: image start to the end of the first user turn) -> [B, D]."""
+  pipeline's: image start to the end of the first user turn) -> [B, D]. Qwen2-VL:
+  `image_grid_thw` [B, 3] with its patches."""
   from moe_vlm.models.adapters import masked_mean
   from moe_vlm.models.vlm import splice_image_features
 
   ids = jnp.asarray(input_ids)
   embeds = model.llm.embed_tokens(ids)
   if pixel_values is not None:
-    embeds = splice_image_features(embeds, model.image_features(jnp.asarray(pixel_values)),
+    grid = None if image_grid_thw is None else jnp.asarray(image_grid_thw)
+    embeds = splice_image_features(embeds, model.image_features(jnp.asarray(pixel_values), grid),
                                    ids == model.cfg.image_token_id)
   return masked_mean(embeds, jnp.asarray(router_mask))
 

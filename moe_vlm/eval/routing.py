@@ -64,12 +64,12 @@ def moe_layer_indices(paths: Sequence[tuple[Any, ...]]) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _choices(graphdef, state, ids, pixels, mask, paths, top_k):
+def _choices(graphdef, state, ids, pixels, mask, paths, top_k, grid=None):
   model = nnx.merge(graphdef, state)
   # method_outputs sows what every module method returns; only the routers' __call__
   # outputs are read below, XLA drops the rest.
   forward = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
-  _, captured = forward(ids, pixels, mask, dispatch="dropless")
+  _, captured = forward(ids, pixels, mask, dispatch="dropless", image_grid_thw=grid)
   flat = dict(nnx.to_flat_state(captured))
   missing = [p for p in paths if p + ("__call__",) not in flat]
   if missing:
@@ -84,16 +84,18 @@ def _choices(graphdef, state, ids, pixels, mask, paths, top_k):
 
 
 def router_choices(model: nnx.Module, ids: np.ndarray, pixels: Optional[np.ndarray],
-                   mask: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   mask: np.ndarray, mesh: Optional[jax.sharding.Mesh] = None,
+                   grids: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
   """Router logits [n_moe, B, L, E] (fp32) and top-k experts [n_moe, B, L, k]. With
-  `mesh` (the model's parameters on it), the batch is placed there too."""
+  `mesh` (the model's parameters on it), the batch is placed there too. `grids`:
+  Qwen2-VL's image grids [B, 3]."""
   paths = router_paths(model)
   graphdef, state = nnx.split(model)
   top_k = model.cfg.text.moe.top_k
   place = jnp.asarray if mesh is None else lambda x: mesh_lib.place_batch(x, mesh)
   logits, idx = _choices(graphdef, state, place(ids),
-                         None if pixels is None else place(pixels), place(mask), paths, top_k)
+                         None if pixels is None else place(pixels), place(mask), paths, top_k,
+                         None if grids is None else place(grids))
   return placement.host_value(logits), placement.host_value(idx)
 
 
@@ -183,10 +185,10 @@ class RoutingCounter:
     self.samples = 0
 
   def add(self, ids: np.ndarray, pixels: Optional[np.ndarray], mask: np.ndarray,
-          rows: Optional[int] = None) -> np.ndarray:
+          rows: Optional[int] = None, grids: Optional[np.ndarray] = None) -> np.ndarray:
     """Counts the first `rows` rows of a batch (the rest are shape filler); returns the
     top-k choices [n_moe, B, L, k] for callers that look further."""
-    _, idx = router_choices(self.model, ids, pixels, mask, self.mesh)
+    _, idx = router_choices(self.model, ids, pixels, mask, self.mesh, grids)
     counted = np.asarray(mask).copy()
     if rows is not None:
       counted[rows:] = 0  # after the forward pass: filler rows still run unmasked

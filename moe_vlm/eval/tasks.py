@@ -142,7 +142,7 @@ def _routing_hook(counter: routing_lib.RoutingCounter, pad_id: int, max_new_toke
         new = new[:new.index(counter.image_token_id)]
       seqs.append(np.concatenate([prompt, np.asarray(new, np.int32)]))
     ids, mask = left_pad(seqs, pad_id, batch.prompt_length + max_new_tokens)
-    counter.add(ids, batch.pixels, mask, rows=batch.size)
+    counter.add(ids, batch.pixels, mask, rows=batch.size, grids=batch.grids)
   return on_batch
 
 
