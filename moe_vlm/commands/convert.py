@@ -31,7 +31,8 @@ flags.DEFINE_string("ckpt", None, "to-hf: a from-hf output directory instead of 
 flags.DEFINE_string("vlm_config", None, "to-hf: a VLMConfig JSON instead of the experiment "
                     "config")
 flags.DEFINE_string("tokenizer", None, "to-hf: tokenizer directory (default: the experiment's)")
-flags.DEFINE_enum("layout", "auto", ["auto", "llava", "moe_llava"], "to-hf: output layout")
+flags.DEFINE_enum("layout", "auto", ["auto", "llava", "moe_llava", "qwen2_vl"],
+                  "to-hf: output layout")
 flags.DEFINE_string("dtype", None, "to-hf: cast the weights (bfloat16, float16, float32; "
                     "default: as they are, or as the source directory had them); from-hf: "
                     "the parameters' dtype (default float32)")
