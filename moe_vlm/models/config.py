@@ -589,7 +589,8 @@ class VLMConfig:
     self.vision.validate()
     self.text.validate()
     if self.projector not in PROJECTORS:
-      raise ConfigError(f"projector={self.projector!r}: expected one of {', '.join(PROJECTORS)}")
+      raise ConfigError(f"projector={self.projector!r}: expected one of "
+                        f"{', '.join(map(repr, PROJECTORS))}")
     if (self.projector == "qwen2_vl_merger") != self.vision.native:
       raise ConfigError(f"projector={self.projector!r} with vision.variant="
                         f"{self.vision.variant!r}: the qwen2_vl_merger projector and the "
