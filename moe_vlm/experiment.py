@@ -6,8 +6,9 @@ so this is the one place that knows the workdir layout:
   config.json              the experiment config the run was started with
   data/                    synthetic held-out set and tokenizer (`data.kind="synthetic"`)
   vision_pretrain/         the vision tower's pre-training (`vision_pretrain`), laid out
-                           like a stage (checkpoints/, final/, tb/, metrics.jsonl);
-                           "stage 0" in the code and the logs
+                           like a stage (checkpoints/, final/, tb/, metrics.jsonl;
+                           "stage 0" in the code and the logs) + tower/, the tower
+                           alone, where stage 1 starts from
   stage<k>/checkpoints/    Orbax TrainState checkpoints (+ data iterator state, counters)
   stage<k>/final/          the stage's parameters (Orbax, written by every process from
                            its own shards), the start of stage k+1 and of inference

@@ -594,7 +594,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, stages: Sequence[int] = (1
   if 1 in stages and exp.pretrains_vision and not exp.has_final(1):
     from moe_vlm.train import pretrain_vision  # the tower stage 1 starts from
     pretrain_vision.check(exp, mesh)
-    if pretrain_vision.run(exp, mesh, stop_after=stop_after) is None:
+    if not pretrain_vision.run(exp, mesh, stop_after=stop_after):
       return exp  # stop_after
 
   def previous(k: int) -> tuple[Params, VLMConfig]:

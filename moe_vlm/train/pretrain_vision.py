@@ -13,22 +13,27 @@ tower (`vision.*`); the decoder and projector are dropped.
 
 It runs as "stage 0" of the trainer (`loop.run_stage`), so it is checkpointed, resumed
 and logged like a stage, in `<workdir>/vision_pretrain/` (checkpoints/, final/, tb/,
-metrics.jsonl). A finished pre-training (final/ present) is reused on a rerun. With
+metrics.jsonl), and the tower alone is saved to `vision_pretrain/tower/`. A finished
+pre-training (tower/ present) is reused on a rerun. With
 pretrained towers (`init.hf_vision`, `init.hf_llava`: configs/moe_llava.py) it is off,
 and the schema refuses to turn it on.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
 import jax
 
+from moe_vlm import checkpoint as ckpt_lib
 from moe_vlm.experiment import PRETRAIN, Experiment
 from moe_vlm.models.params import Params
 from moe_vlm.parallel import mesh as mesh_lib
 from moe_vlm.parallel import placement
+
+log = logging.getLogger("moe_vlm")
 
 TOWER = "vision."
 
@@ -61,24 +66,39 @@ def check(exp: Experiment, mesh: jax.sharding.Mesh) -> None:
     raise loop.StageSettingsError(f"vision pre-training: {e}") from e
 
 
-def run(exp: Experiment, mesh: jax.sharding.Mesh, *,
-        stop_after: Optional[int] = None) -> Optional[Params]:
-  """Pre-trains the tower (or reuses a finished pre-training); returns the captioning
-  model's parameters, or None when `stop_after` ended it early."""
+def tower_dir(exp: Experiment) -> str:
+  """`<workdir>/vision_pretrain/tower`: the pretrained tower's parameters alone (what
+  stage 1 reads; unlike final/, it does not depend on the decoder's architecture)."""
+  return os.path.join(exp.stage_dir(PRETRAIN), "tower")
+
+
+def run(exp: Experiment, mesh: jax.sharding.Mesh, *, stop_after: Optional[int] = None) -> bool:
+  """Pre-trains the tower, or reuses a finished pre-training (its `tower/`); returns
+  False when `stop_after` ended it early."""
   from moe_vlm.train import loop
+  if ckpt_lib.has_params(tower_dir(exp)):
+    log.info("vision pre-training already finished (%s); reusing its tower", tower_dir(exp))
+    return True
   cfg = exp.model_config(PRETRAIN)
-  return loop.run_stage(PRETRAIN, exp, mesh,
-                        lambda: placement.init_params(cfg, mesh, exp.settings.seed),
-                        stop_after=stop_after)
+  params = loop.run_stage(PRETRAIN, exp, mesh,
+                          lambda: placement.init_params(cfg, mesh, exp.settings.seed),
+                          stop_after=stop_after)
+  if params is None:
+    return False
+  ckpt_lib.save_params(tower_dir(exp), {n: v for n, v in params.items()
+                                        if n.startswith(TOWER)})
+  return True
 
 
 def tower(exp: Experiment, mesh: jax.sharding.Mesh) -> Params:
-  """The pretrained tower's parameters (`vision.*`) from `vision_pretrain/final`, on
-  the stage model's shardings."""
-  if not exp.has_final(PRETRAIN):
-    raise FileNotFoundError(f"{exp.final_dir(PRETRAIN)} holds no parameters: the vision "
-                            "pre-training (vision_pretrain.steps > 0) has not finished")
+  """The pretrained tower's parameters (`vision.*`) from `vision_pretrain/tower`, each
+  restored onto its sharding in the stage model."""
+  directory = tower_dir(exp)
+  if not ckpt_lib.has_params(directory):
+    raise FileNotFoundError(f"{directory} holds no parameters: the vision pre-training "
+                            "(vision_pretrain.steps > 0) has not finished")
+  codec = placement.abstract_codec(exp.dense_config)
   shardings = placement.shardings(exp.dense_config, mesh)
-  params = exp.load_params(PRETRAIN, mesh)
-  return {n: jax.device_put(v, shardings[n]) for n, v in params.items()
-          if n.startswith(TOWER)}
+  names = [n for n in codec.names if n.startswith(TOWER)]
+  return ckpt_lib.load_params(directory, {n: codec.shapes[n] for n in names},
+                              {n: shardings[n] for n in names})
